@@ -1,0 +1,311 @@
+#pragma once
+
+#include <ringchat/task.hpp>
+
+#include <liburing.h>
+
+#include <atomic>
+#include <coroutine>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ringchat {
+
+class io_context;
+
+namespace detail {
+
+/// The record an io_uring SQE's user_data points at. `on_complete` receives the CQE's res
+/// and flags on the context's thread; it must not throw. user_data 0 marks SQEs whose
+/// completions are ignored (cancel requests, linked timeouts, fire-and-forget closes).
+struct completion {
+    void (*on_complete)(completion* self, int res, std::uint32_t flags) noexcept = nullptr;
+};
+
+class detached_promise;
+
+} // namespace detail
+
+/// Setup choices for an io_context.
+struct io_context_options {
+    /// Submission queue size (rounded up to a power of two by the kernel).
+    unsigned sq_entries = 256;
+    /// Completion queue size; 0 means 16 × sq_entries, so bursts of multishot completions
+    /// fit without overflowing (the kernel keeps overflowed CQEs anyway, more slowly).
+    unsigned cq_entries = 0;
+    /// Ask for IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, falling back to
+    /// COOP_TASKRUN and then to no flags on kernels that reject them.
+    bool defer_taskrun = true;
+};
+
+/// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
+/// suspended on operations are resumed from run() as their completions arrive; submissions
+/// made while handling one batch of completions go to the kernel together in one
+/// io_uring_submit_and_wait. Only post() and stop() may be called from other threads.
+/// Non-copyable, non-movable (operations point at it).
+class io_context {
+public:
+    /// Sets up the ring. Throws std::system_error with errc::io_uring_unavailable and a
+    /// message saying what to do when io_uring is disabled (sysctl kernel.io_uring_disabled),
+    /// blocked (seccomp, containers), missing (old kernel) or short of locked memory.
+    explicit io_context(io_context_options options = {});
+
+    /// Destroys spawned tasks that have not finished (cancelling their I/O and waiting for the
+    /// kernel to let go of their buffers), then closes the ring. Call on the context's thread.
+    ~io_context();
+
+    io_context(const io_context&) = delete;
+    io_context& operator=(const io_context&) = delete;
+
+    /// Processes completions and posted functions until stop() is called or no work is left
+    /// (no operation in flight, nothing posted, no work_guard alive). Io thread only.
+    void run();
+
+    /// Makes run() return at its next step; later run() calls return at once until
+    /// restart(). Callable from any thread.
+    void stop() noexcept;
+
+    /// True after stop(), until restart().
+    [[nodiscard]] bool stopped() const noexcept { return stop_requested_.load(); }
+
+    /// Clears a previous stop() so run() may be called again. Io thread only.
+    void restart() noexcept { stop_requested_.store(false); }
+
+    /// Queues `fn` to run on the context's thread inside run(), and wakes run() if it waits.
+    /// Callable from any thread. Exceptions thrown by `fn` are logged and dropped.
+    void post(std::function<void()> fn);
+
+    /// Keeps run() from returning for lack of work while alive (like asio's work guard), so
+    /// another thread can post() later. Create and destroy it on any thread.
+    class work_guard {
+    public:
+        explicit work_guard(io_context& ctx) noexcept : ctx_(&ctx) { ctx_->work_count_++; }
+        work_guard(work_guard&& other) noexcept : ctx_(std::exchange(other.ctx_, nullptr)) {}
+        work_guard(const work_guard&) = delete;
+        work_guard& operator=(const work_guard&) = delete;
+        work_guard& operator=(work_guard&&) = delete;
+        ~work_guard() { reset(); }
+        /// Releases the guard early; run() may then return when idle.
+        void reset() noexcept;
+
+    private:
+        io_context* ctx_;
+    };
+
+    /// Description of the setup the kernel accepted, e.g. "SINGLE_ISSUER|DEFER_TASKRUN".
+    [[nodiscard]] const std::string& setup_description() const noexcept { return setup_desc_; }
+
+    /// The io_uring setup flags the kernel accepted.
+    [[nodiscard]] unsigned setup_flags() const noexcept { return setup_flags_; }
+
+    /// Number of operations submitted (or prepared) whose completion has not been handled.
+    [[nodiscard]] std::size_t operations_in_flight() const noexcept { return in_flight_; }
+
+    /// Number of spawned tasks that have not finished yet.
+    [[nodiscard]] std::size_t spawned_tasks() const noexcept { return spawned_count_; }
+
+    // ---- for awaiters (ops.hpp) and library internals; io thread only ----
+
+    /// Returns `count` consecutive free SQEs (the first is returned), submitting what is
+    /// queued when the submission ring is full. Never fails. The caller must fill them all.
+    io_uring_sqe* get_sqe(unsigned count = 1) noexcept;
+
+    /// Counts one operation whose completion will reach a detail::completion.
+    void operation_started() noexcept { ++in_flight_; }
+
+    /// Cancels the operation whose SQE user_data is `target` and blocks until the kernel has
+    /// posted its final completion, which is then dropped. Completions of other operations
+    /// that arrive meanwhile are kept and dispatched later by run(). Called by the destructor
+    /// of an awaiter whose coroutine is destroyed while its operation is in flight.
+    void cancel_and_wait(detail::completion* target) noexcept;
+
+    /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
+    /// -ECANCELED (or its result, if it already finished).
+    void request_cancel(detail::completion* target) noexcept;
+
+    /// Resumes `h` from run() at the next step instead of on the current stack.
+    void schedule(std::coroutine_handle<> h) { ready_handles_.push_back(h); }
+
+    /// The ring, for code that prepares SQEs itself. Io thread only.
+    io_uring* native() noexcept { return &ring_; }
+
+private:
+    friend class detail::detached_promise;
+    template <typename T>
+    friend void spawn(io_context& ctx, task<T> t);
+
+    struct cqe_copy {
+        std::uint64_t user_data;
+        int res;
+        std::uint32_t flags;
+    };
+
+    static constexpr std::uint64_t wake_tag = 1;
+
+    void setup(const io_context_options& options);
+    void arm_wake_read() noexcept;
+    void reap() noexcept;
+    void dispatch_completions() noexcept;
+    void run_ready_handles() noexcept;
+    void run_posted() noexcept;
+    [[nodiscard]] bool has_work() const noexcept;
+
+    io_uring ring_{};
+    unsigned setup_flags_ = 0;
+    std::string setup_desc_;
+
+    std::vector<cqe_copy> completions_; // reaped, not yet dispatched
+    std::size_t completions_pos_ = 0;
+    std::vector<std::coroutine_handle<>> ready_handles_;
+    std::vector<std::coroutine_handle<>> running_handles_;
+    std::size_t in_flight_ = 0;
+
+    int wake_fd_ = -1;
+    std::uint64_t wake_buffer_ = 0;
+    bool wake_armed_ = false;
+    std::atomic<bool> stop_requested_{false};
+    std::atomic<std::size_t> work_count_{0};
+    std::mutex posted_mutex_;
+    std::vector<std::function<void()>> posted_;
+    std::vector<std::function<void()>> posted_running_;
+    std::atomic<bool> has_posted_{false};
+
+    detail::detached_promise* spawned_head_ = nullptr; // intrusive list of live spawned tasks
+    std::size_t spawned_count_ = 0;
+};
+
+namespace detail {
+
+/// The coroutine that owns a spawned task: awaits it, logs an escaping exception, and frees
+/// itself at the end. Linked into its io_context so ~io_context can destroy unfinished ones.
+class detached_promise {
+public:
+    detached_promise(io_context& ctx, auto&&...) noexcept : ctx_(&ctx) {
+        next_ = ctx.spawned_head_;
+        if (next_) {
+            next_->prev_ = this;
+        }
+        ctx.spawned_head_ = this;
+        ++ctx.spawned_count_;
+    }
+    ~detached_promise() {
+        if (prev_) {
+            prev_->next_ = next_;
+        } else {
+            ctx_->spawned_head_ = next_;
+        }
+        if (next_) {
+            next_->prev_ = prev_;
+        }
+        --ctx_->spawned_count_;
+    }
+
+    struct detached_task {
+        using promise_type = detached_promise;
+    };
+
+    detached_task get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept;
+
+private:
+    friend class ringchat::io_context;
+    io_context* ctx_;
+    detached_promise* prev_ = nullptr;
+    detached_promise* next_ = nullptr;
+};
+
+template <typename T>
+detached_promise::detached_task run_detached(io_context& ctx, task<T> t) {
+    (void)ctx;
+    co_await std::move(t);
+}
+
+} // namespace detail
+
+/// Starts `t` now, on the calling thread, and lets it run on its own: the context owns it
+/// from here on, an exception escaping it is logged (the process keeps running), and
+/// ~io_context destroys it if it has not finished. Io thread only. The task's result value,
+/// if any, is discarded.
+template <typename T>
+void spawn(io_context& ctx, task<T> t) {
+    detail::run_detached(ctx, std::move(t));
+}
+
+/// Runs `t` on `ctx` (driving ctx.run() until `t` finishes) and returns its value or rethrows
+/// its exception. Throws std::system_error(errc::cancelled) if the context was stopped, or
+/// ran out of work, before `t` finished. Call on the context's thread, outside run().
+template <typename T>
+T sync_wait(io_context& ctx, task<T> t);
+
+namespace detail {
+
+template <typename T>
+struct sync_wait_state {
+    std::exception_ptr error;
+    std::optional<std::conditional_t<std::is_void_v<T>, char, std::remove_reference_t<T>*>>
+        ref_or_flag;
+    std::optional<std::conditional_t<std::is_void_v<T> || std::is_reference_v<T>, char, T>>
+        value;
+    bool finished = false;
+};
+
+template <typename T>
+task<void> sync_wait_driver(io_context& ctx, task<T> t, sync_wait_state<T>& state) {
+    try {
+        if constexpr (std::is_void_v<T>) {
+            co_await std::move(t);
+        } else if constexpr (std::is_reference_v<T>) {
+            state.ref_or_flag = std::addressof(co_await std::move(t));
+        } else {
+            state.value.emplace(co_await std::move(t));
+        }
+    } catch (...) {
+        state.error = std::current_exception();
+    }
+    state.finished = true;
+    ctx.stop();
+}
+
+[[noreturn]] void throw_sync_wait_unfinished();
+
+} // namespace detail
+
+template <typename T>
+T sync_wait(io_context& ctx, task<T> t) {
+    detail::sync_wait_state<T> state;
+    // The driver is owned here, not spawned: if run() returns before it finishes, the
+    // guard destroys it (cancelling its I/O) before `state` goes out of scope.
+    struct destroy_guard {
+        std::coroutine_handle<detail::task_promise<void>> h;
+        ~destroy_guard() { h.destroy(); }
+    };
+    auto handle = detail::sync_wait_driver(ctx, std::move(t), state).release();
+    destroy_guard guard{handle};
+    if (handle.promise().start_inline(handle, std::noop_coroutine())) {
+        ctx.run();
+    }
+    ctx.restart();
+    if (!state.finished) {
+        detail::throw_sync_wait_unfinished();
+    }
+    if (state.error) {
+        std::rethrow_exception(state.error);
+    }
+    if constexpr (std::is_void_v<T>) {
+        return;
+    } else if constexpr (std::is_reference_v<T>) {
+        return **state.ref_or_flag;
+    } else {
+        return std::move(*state.value);
+    }
+}
+
+} // namespace ringchat

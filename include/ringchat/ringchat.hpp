@@ -1,0 +1,10 @@
+#pragma once
+
+/// Everything in ringchat: include this, or the one header you need.
+#include <ringchat/address.hpp>
+#include <ringchat/error.hpp>
+#include <ringchat/io_context.hpp>
+#include <ringchat/log.hpp>
+#include <ringchat/ops.hpp>
+#include <ringchat/socket.hpp>
+#include <ringchat/task.hpp>

@@ -1,0 +1,362 @@
+#include <ringchat/error.hpp>
+#include <ringchat/io_context.hpp>
+#include <ringchat/log.hpp>
+
+#include <fmt/core.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <system_error>
+
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+namespace ringchat {
+
+namespace {
+
+int read_io_uring_disabled_sysctl() noexcept {
+    std::FILE* f = std::fopen("/proc/sys/kernel/io_uring_disabled", "r");
+    if (f == nullptr) {
+        return -1;
+    }
+    int value = -1;
+    if (std::fscanf(f, "%d", &value) != 1) {
+        value = -1;
+    }
+    std::fclose(f);
+    return value;
+}
+
+[[noreturn]] void throw_setup_error(int res) {
+    std::string why;
+    int disabled = read_io_uring_disabled_sysctl();
+    switch (-res) {
+    case EPERM:
+        if (disabled > 0) {
+            why = fmt::format("io_uring is disabled (sysctl kernel.io_uring_disabled={}); set it "
+                              "to 0, or for value 1 add this user to kernel.io_uring_group",
+                              disabled);
+        } else {
+            why = "io_uring_setup was refused (EPERM): a seccomp filter or container policy "
+                  "blocks io_uring; allow the io_uring_setup/enter/register system calls or run "
+                  "where io_uring is allowed";
+        }
+        break;
+    case ENOSYS:
+        why = "this kernel has no io_uring (ENOSYS), or a seccomp filter hides it; ringchat "
+              "needs Linux 5.19 or later with io_uring enabled";
+        break;
+    case ENOMEM: {
+        rlimit limit{};
+        getrlimit(RLIMIT_MEMLOCK, &limit);
+        why = fmt::format("not enough locked memory for the ring (ENOMEM, RLIMIT_MEMLOCK={} "
+                          "bytes); raise 'ulimit -l' or use a kernel of 5.12 or later, which "
+                          "does not charge rings to it",
+                          static_cast<unsigned long long>(limit.rlim_cur));
+        break;
+    }
+    default:
+        why = fmt::format("io_uring_queue_init failed: {}", std::strerror(-res));
+        break;
+    }
+    throw std::system_error(make_error_code(errc::io_uring_unavailable), why);
+}
+
+std::string describe_flags(unsigned flags) {
+    std::string out;
+    auto add = [&](unsigned bit, const char* name) {
+        if ((flags & bit) != 0) {
+            out += out.empty() ? "" : "|";
+            out += name;
+        }
+    };
+    add(IORING_SETUP_SINGLE_ISSUER, "SINGLE_ISSUER");
+    add(IORING_SETUP_DEFER_TASKRUN, "DEFER_TASKRUN");
+    add(IORING_SETUP_COOP_TASKRUN, "COOP_TASKRUN");
+    add(IORING_SETUP_TASKRUN_FLAG, "TASKRUN_FLAG");
+    return out.empty() ? std::string("no setup flags") : out;
+}
+
+} // namespace
+
+io_context::io_context(io_context_options options) {
+    setup(options);
+    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) {
+        int err = errno;
+        io_uring_queue_exit(&ring_);
+        throw std::system_error(err, std::generic_category(), "eventfd for io_context wake-ups");
+    }
+    completions_.reserve(ring_.cq.ring_entries);
+    ready_handles_.reserve(64);
+    running_handles_.reserve(64);
+}
+
+void io_context::setup(const io_context_options& options) {
+    unsigned cq = options.cq_entries != 0 ? options.cq_entries : options.sq_entries * 16;
+    const unsigned base = IORING_SETUP_CQSIZE;
+    const unsigned attempts[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+        0,
+    };
+    int res = -EINVAL;
+    for (unsigned extra : attempts) {
+        if (!options.defer_taskrun && (extra & IORING_SETUP_DEFER_TASKRUN) != 0) {
+            continue;
+        }
+        io_uring_params params{};
+        params.flags = base | extra;
+        params.cq_entries = cq;
+        res = io_uring_queue_init_params(options.sq_entries, &ring_, &params);
+        if (res == 0) {
+            setup_flags_ = params.flags;
+            break;
+        }
+        if (res != -EINVAL) {
+            break; // not a question of flags: report it
+        }
+    }
+    if (res < 0) {
+        throw_setup_error(res);
+    }
+    setup_desc_ = describe_flags(setup_flags_);
+    log(log_level::info, "io_context: ring with {} SQ / {} CQ entries, {}", ring_.sq.ring_entries,
+        ring_.cq.ring_entries, setup_desc_);
+}
+
+io_context::~io_context() {
+    // Destroying a suspended task destroys its awaiters, which cancel their operations and
+    // wait for the kernel to finish with them: the ring must still be alive for that.
+    while (spawned_head_ != nullptr) {
+        std::coroutine_handle<detail::detached_promise>::from_promise(*spawned_head_).destroy();
+    }
+    // Fire-and-forget closes may still sit in the SQ ring; socket closes run at submission.
+    io_uring_submit(&ring_);
+    io_uring_queue_exit(&ring_);
+    ::close(wake_fd_);
+}
+
+void io_context::stop() noexcept {
+    stop_requested_.store(true);
+    std::uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+}
+
+void io_context::post(std::function<void()> fn) {
+    {
+        std::lock_guard lock(posted_mutex_);
+        posted_.push_back(std::move(fn));
+        has_posted_.store(true, std::memory_order_release);
+    }
+    std::uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+}
+
+void io_context::work_guard::reset() noexcept {
+    if (ctx_ != nullptr) {
+        // Wake run() so it can notice that the last guard is gone and return.
+        if (ctx_->work_count_.fetch_sub(1) == 1) {
+            std::uint64_t one = 1;
+            [[maybe_unused]] ssize_t n = ::write(ctx_->wake_fd_, &one, sizeof one);
+        }
+        ctx_ = nullptr;
+    }
+}
+
+io_uring_sqe* io_context::get_sqe(unsigned count) noexcept {
+    if (io_uring_sq_space_left(&ring_) < count) {
+        // A full submission ring is normal under load: hand what is queued to the kernel.
+        // EBUSY means the completion side is backed up; reap into completions_ (dispatched
+        // later by run()) so the kernel can make room, and try again.
+        while (io_uring_sq_space_left(&ring_) < count) {
+            int res = io_uring_submit(&ring_);
+            if (res == -EBUSY || res == -EAGAIN) {
+                reap();
+                io_uring_get_events(&ring_);
+                reap();
+            }
+        }
+    }
+    io_uring_sqe* first = io_uring_get_sqe(&ring_);
+    for (unsigned i = 1; i < count; ++i) {
+        io_uring_get_sqe(&ring_);
+    }
+    return first;
+}
+
+void io_context::request_cancel(detail::completion* target) noexcept {
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_cancel(sqe, target, 0);
+    io_uring_sqe_set_data64(sqe, 0);
+}
+
+void io_context::cancel_and_wait(detail::completion* target) noexcept {
+    const auto key = reinterpret_cast<std::uint64_t>(target);
+    // Its completion may already have been reaped and be waiting for dispatch.
+    for (std::size_t i = completions_pos_; i < completions_.size(); ++i) {
+        if (completions_[i].user_data == key && (completions_[i].flags & IORING_CQE_F_MORE) == 0) {
+            completions_[i].user_data = 0;
+            --in_flight_;
+            return;
+        }
+    }
+    request_cancel(target);
+    for (;;) {
+        int res = io_uring_submit_and_wait(&ring_, 1);
+        if (res < 0 && res != -EINTR && res != -EBUSY && res != -ETIME) {
+            log(log_level::error, "io_context: waiting for a cancelled operation failed: {}",
+                std::strerror(-res));
+            std::abort(); // continuing would let the kernel write into freed memory
+        }
+        unsigned head;
+        unsigned seen = 0;
+        bool done = false;
+        io_uring_cqe* cqe;
+        io_uring_for_each_cqe(&ring_, head, cqe) {
+            ++seen;
+            if (cqe->user_data == key) {
+                if ((cqe->flags & IORING_CQE_F_MORE) == 0) {
+                    --in_flight_;
+                    done = true;
+                    break;
+                }
+                continue;
+            }
+            completions_.push_back({cqe->user_data, cqe->res, cqe->flags});
+        }
+        io_uring_cq_advance(&ring_, seen);
+        if (done) {
+            return;
+        }
+    }
+}
+
+void io_context::arm_wake_read() noexcept {
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_read(sqe, wake_fd_, &wake_buffer_, sizeof wake_buffer_, 0);
+    io_uring_sqe_set_data64(sqe, wake_tag);
+    wake_armed_ = true;
+}
+
+void io_context::reap() noexcept {
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+        ++seen;
+        completions_.push_back({cqe->user_data, cqe->res, cqe->flags});
+    }
+    io_uring_cq_advance(&ring_, seen);
+}
+
+void io_context::dispatch_completions() noexcept {
+    // By index: a resumed coroutine may destroy another's frame, whose awaiter then removes
+    // its own entry (cancel_and_wait), or may append entries while waiting for a cancel.
+    while (completions_pos_ < completions_.size()) {
+        const cqe_copy entry = completions_[completions_pos_++];
+        if (entry.user_data == 0) {
+            continue;
+        }
+        if (entry.user_data == wake_tag) {
+            wake_armed_ = false;
+            continue;
+        }
+        if ((entry.flags & IORING_CQE_F_MORE) == 0) {
+            --in_flight_;
+        }
+        auto* target = reinterpret_cast<detail::completion*>(entry.user_data);
+        target->on_complete(target, entry.res, entry.flags);
+    }
+    completions_.clear();
+    completions_pos_ = 0;
+}
+
+void io_context::run_ready_handles() noexcept {
+    while (!ready_handles_.empty()) {
+        running_handles_.swap(ready_handles_);
+        for (std::coroutine_handle<> h : running_handles_) {
+            h.resume();
+        }
+        running_handles_.clear();
+    }
+}
+
+void io_context::run_posted() noexcept {
+    if (!has_posted_.load(std::memory_order_acquire)) {
+        return;
+    }
+    {
+        std::lock_guard lock(posted_mutex_);
+        posted_running_.swap(posted_);
+        has_posted_.store(false, std::memory_order_relaxed);
+    }
+    for (auto& fn : posted_running_) {
+        try {
+            fn();
+        } catch (const std::exception& e) {
+            log(log_level::error, "io_context: a posted function threw: {}", e.what());
+        } catch (...) {
+            log(log_level::error, "io_context: a posted function threw a non-exception");
+        }
+    }
+    posted_running_.clear();
+}
+
+bool io_context::has_work() const noexcept {
+    return in_flight_ != 0 || !ready_handles_.empty() || completions_pos_ < completions_.size() ||
+           work_count_.load() != 0 || has_posted_.load(std::memory_order_acquire);
+}
+
+void io_context::run() {
+    for (;;) {
+        run_posted();
+        dispatch_completions();
+        run_ready_handles();
+        if (stop_requested_.load(std::memory_order_relaxed)) {
+            break;
+        }
+        if (completions_pos_ < completions_.size() || !ready_handles_.empty()) {
+            continue;
+        }
+        if (!has_work()) {
+            break;
+        }
+        if (!wake_armed_) {
+            arm_wake_read();
+        }
+        int res = io_uring_submit_and_wait(&ring_, 1);
+        if (res < 0 && res != -EINTR && res != -ETIME && res != -EBUSY && res != -EAGAIN) {
+            log(log_level::error, "io_context: io_uring_submit_and_wait failed: {}",
+                std::strerror(-res));
+            throw std::system_error(-res, std::generic_category(), "io_uring_submit_and_wait");
+        }
+        reap();
+    }
+    // Hand prepared SQEs (closes, cancels) to the kernel even when returning.
+    io_uring_submit(&ring_);
+}
+
+namespace detail {
+
+void detached_promise::unhandled_exception() noexcept {
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        log(log_level::error, "a spawned task ended with an exception: {}", e.what());
+    } catch (...) {
+        log(log_level::error, "a spawned task ended with a non-standard exception");
+    }
+}
+
+void throw_sync_wait_unfinished() {
+    throw std::system_error(make_error_code(errc::cancelled),
+                            "sync_wait: the io_context stopped before the task finished");
+}
+
+} // namespace detail
+
+} // namespace ringchat
