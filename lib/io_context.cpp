@@ -134,6 +134,11 @@ io_context::~io_context() {
     while (spawned_head_ != nullptr) {
         std::coroutine_handle<detail::detached_promise>::from_promise(*spawned_head_).destroy();
     }
+    while (owned_head_ != nullptr) {
+        detail::owned_node* node = owned_head_;
+        disown(node);
+        node->destroy(node);
+    }
     // Fire-and-forget closes may still sit in the SQ ring; socket closes run at submission.
     io_uring_submit(&ring_);
     io_uring_queue_exit(&ring_);
@@ -306,8 +311,51 @@ void io_context::run_posted() noexcept {
     posted_running_.clear();
 }
 
+void io_context::cancel_flush(detail::flush_node* node) noexcept {
+    if (!node->flush_queued) {
+        return;
+    }
+    for (detail::flush_node** link = &flush_head_; *link != nullptr; link = &(*link)->next_flush) {
+        if (*link == node) {
+            *link = node->next_flush;
+            break;
+        }
+    }
+    node->flush_queued = false;
+}
+
+void io_context::adopt(detail::owned_node* node) noexcept {
+    node->prev_owned = nullptr;
+    node->next_owned = owned_head_;
+    if (owned_head_ != nullptr) {
+        owned_head_->prev_owned = node;
+    }
+    owned_head_ = node;
+}
+
+void io_context::disown(detail::owned_node* node) noexcept {
+    if (node->prev_owned != nullptr) {
+        node->prev_owned->next_owned = node->next_owned;
+    } else if (owned_head_ == node) {
+        owned_head_ = node->next_owned;
+    }
+    if (node->next_owned != nullptr) {
+        node->next_owned->prev_owned = node->prev_owned;
+    }
+    node->prev_owned = node->next_owned = nullptr;
+}
+
+void io_context::run_flushes() noexcept {
+    while (flush_head_ != nullptr) {
+        detail::flush_node* node = flush_head_;
+        flush_head_ = node->next_flush;
+        node->flush_queued = false;
+        node->flush(node);
+    }
+}
+
 bool io_context::has_work() const noexcept {
-    return in_flight_ != 0 || !ready_handles_.empty() || completions_pos_ < completions_.size() ||
+    return in_flight_ != 0 || flush_head_ != nullptr || !ready_handles_.empty() || completions_pos_ < completions_.size() ||
            work_count_.load() != 0 || has_posted_.load(std::memory_order_acquire);
 }
 
@@ -322,6 +370,7 @@ void io_context::run() {
         if (completions_pos_ < completions_.size() || !ready_handles_.empty()) {
             continue;
         }
+        run_flushes();
         if (!has_work()) {
             break;
         }
@@ -336,7 +385,8 @@ void io_context::run() {
         }
         reap();
     }
-    // Hand prepared SQEs (closes, cancels) to the kernel even when returning.
+    // Hand prepared SQEs (sends, closes, cancels) to the kernel even when returning.
+    run_flushes();
     io_uring_submit(&ring_);
 }
 

@@ -2,20 +2,16 @@
 
 #include <cassert>
 #include <cerrno>
+#include <ctime>
 
 namespace ringchat {
 
-cancel_source::~cancel_source() {
-    if (attached_ != nullptr) {
-        attached_->cancel_ = nullptr;
-    }
-}
+cancel_source::~cancel_source() = default;
 
 void cancel_source::request_cancel() noexcept {
     requested_ = true;
-    if (attached_ != nullptr && attached_->in_flight_) {
-        attached_->cancelled_ = true;
-        attached_->ctx_->request_cancel(attached_);
+    if (attached_ != nullptr) {
+        attached_->cancel_now();
     }
 }
 
@@ -40,8 +36,15 @@ op_awaiter::~op_awaiter() {
         ctx_->cancel_and_wait(this);
         in_flight_ = false;
     }
-    if (cancel_ != nullptr && cancel_->attached_ == this) {
-        cancel_->attached_ = nullptr;
+    if (cancel_ != nullptr) {
+        cancel_->detach(this);
+    }
+}
+
+void op_awaiter::cancel_now() noexcept {
+    if (in_flight_) {
+        cancelled_ = true;
+        ctx_->request_cancel(this);
     }
 }
 
@@ -67,7 +70,7 @@ void op_awaiter::finish_start(io_uring_sqe* sqe, std::coroutine_handle<> waiter)
     (void)sqe;
     in_flight_ = true;
     if (cancel_ != nullptr) {
-        cancel_->attached_ = this;
+        cancel_->attach(this);
     }
     ctx_->operation_started();
 }
@@ -77,8 +80,8 @@ void op_awaiter::complete(completion* self, int res, std::uint32_t flags) noexce
     op->res_ = res;
     op->cqe_flags_ = flags;
     op->in_flight_ = false;
-    if (op->cancel_ != nullptr && op->cancel_->attached_ == op) {
-        op->cancel_->attached_ = nullptr;
+    if (op->cancel_ != nullptr) {
+        op->cancel_->detach(op);
     }
     op->waiter_.resume();
 }
@@ -129,14 +132,25 @@ bool shutdown_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
 }
 
 sleep_awaiter::sleep_awaiter(io_context& ctx, std::chrono::nanoseconds duration) noexcept
-    : op_options(ctx, "sleep", nullptr) {
-    auto ns = duration.count() < 0 ? 0 : duration.count();
-    duration_.tv_sec = ns / 1'000'000'000;
-    duration_.tv_nsec = ns % 1'000'000'000;
-}
+    : op_options(ctx, "sleep", nullptr), duration_(duration < duration.zero() ? duration.zero()
+                                                                                : duration) {}
 
 bool sleep_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
-    return start(h, [this](io_uring_sqe* sqe) { io_uring_prep_timeout(sqe, &duration_, 0, 0); });
+    // A relative timeout would start when the kernel consumes the SQE, which can be a whole
+    // batch of other work later; an absolute deadline counts from this co_await, so timers
+    // started one after another fire in the order of their deadlines.
+    timespec now{};
+    ::clock_gettime(CLOCK_MONOTONIC, &now);
+    const auto ns = duration_.count();
+    deadline_.tv_sec = now.tv_sec + ns / 1'000'000'000;
+    deadline_.tv_nsec = now.tv_nsec + ns % 1'000'000'000;
+    if (deadline_.tv_nsec >= 1'000'000'000) {
+        deadline_.tv_sec += 1;
+        deadline_.tv_nsec -= 1'000'000'000;
+    }
+    return start(h, [this](io_uring_sqe* sqe) {
+        io_uring_prep_timeout(sqe, &deadline_, 0, IORING_TIMEOUT_ABS);
+    });
 }
 
 void sleep_awaiter::await_resume() const {

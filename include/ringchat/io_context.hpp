@@ -29,6 +29,23 @@ struct completion {
 
 class detached_promise;
 
+/// Something with output to prepare once per loop iteration, just before the context submits
+/// its batch (a channel's writer): every push made while handling one batch of completions
+/// then goes out in one sendmsg.
+struct flush_node {
+    void (*flush)(flush_node* self) noexcept = nullptr;
+    flush_node* next_flush = nullptr;
+    bool flush_queued = false;
+};
+
+/// An object the context owns until it finishes on its own or the context is destroyed (a
+/// channel whose handle is gone but which still sends queued output, then closes).
+struct owned_node {
+    void (*destroy)(owned_node* self) noexcept = nullptr;
+    owned_node* prev_owned = nullptr;
+    owned_node* next_owned = nullptr;
+};
+
 } // namespace detail
 
 /// Setup choices for an io_context.
@@ -128,6 +145,22 @@ public:
     /// -ECANCELED (or its result, if it already finished).
     void request_cancel(detail::completion* target) noexcept;
 
+    /// Calls `node->flush` once before the next submission (no-op if already queued).
+    void request_flush(detail::flush_node* node) noexcept {
+        if (!node->flush_queued) {
+            node->flush_queued = true;
+            node->next_flush = flush_head_;
+            flush_head_ = node;
+        }
+    }
+    /// Removes `node` from the flush list (before it is destroyed).
+    void cancel_flush(detail::flush_node* node) noexcept;
+
+    /// Takes ownership of `node`: ~io_context calls its destroy function if it is still
+    /// there. The object calls disown() when it finishes by itself.
+    void adopt(detail::owned_node* node) noexcept;
+    void disown(detail::owned_node* node) noexcept;
+
     /// Resumes `h` from run() at the next step instead of on the current stack.
     void schedule(std::coroutine_handle<> h) { ready_handles_.push_back(h); }
 
@@ -153,6 +186,7 @@ private:
     void dispatch_completions() noexcept;
     void run_ready_handles() noexcept;
     void run_posted() noexcept;
+    void run_flushes() noexcept;
     [[nodiscard]] bool has_work() const noexcept;
 
     io_uring ring_{};
@@ -175,6 +209,8 @@ private:
     std::vector<std::function<void()>> posted_running_;
     std::atomic<bool> has_posted_{false};
 
+    detail::flush_node* flush_head_ = nullptr;
+    detail::owned_node* owned_head_ = nullptr;
     detail::detached_promise* spawned_head_ = nullptr; // intrusive list of live spawned tasks
     std::size_t spawned_count_ = 0;
 };

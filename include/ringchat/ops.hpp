@@ -16,8 +16,18 @@
 namespace ringchat {
 
 namespace detail {
-class op_awaiter;
-}
+
+/// Something a cancel_source can cancel: an operation awaiter or a channel read.
+class cancellable {
+public:
+    /// Asks the pending operation to stop; it then completes with errc::cancelled.
+    virtual void cancel_now() noexcept = 0;
+
+protected:
+    ~cancellable() = default;
+};
+
+} // namespace detail
 
 /// Lets one coroutine cancel another's pending operation: attach it with
 /// `co_await op.cancel_on(source)`, then call `source.request_cancel()`; the operation then
@@ -38,9 +48,16 @@ public:
     /// Forgets an earlier request so operations can be attached again.
     void reset() noexcept { requested_ = false; }
 
+    /// For awaiters: registers the pending operation `op` (one at a time) / forgets it.
+    void attach(detail::cancellable* op) noexcept { attached_ = op; }
+    void detach(detail::cancellable* op) noexcept {
+        if (attached_ == op) {
+            attached_ = nullptr;
+        }
+    }
+
 private:
-    friend class detail::op_awaiter;
-    detail::op_awaiter* attached_ = nullptr;
+    detail::cancellable* attached_ = nullptr;
     bool requested_ = false;
 };
 
@@ -51,7 +68,7 @@ namespace detail {
 /// awaiting coroutine's frame, so starting an operation allocates nothing. If the frame is
 /// destroyed while the operation is in flight, the destructor cancels it and waits for its
 /// completion, so the kernel never writes into freed memory.
-class op_awaiter : public completion {
+class op_awaiter : public completion, public cancellable {
 public:
     op_awaiter(const op_awaiter& other) noexcept;
     op_awaiter& operator=(const op_awaiter&) = delete;
@@ -67,7 +84,7 @@ protected:
     // triggered; res_ is then -ECANCELED.
     template <typename Prepare>
     bool start(std::coroutine_handle<> waiter, Prepare&& prepare) noexcept {
-        if (cancel_ && cancel_->requested_) {
+        if (cancel_ && cancel_->cancel_requested()) {
             res_ = -ECANCELED;
             cancelled_ = true;
             return false;
@@ -88,6 +105,7 @@ protected:
     [[noreturn]] void fail() const;
 
     void set_deadline(std::chrono::nanoseconds timeout) noexcept;
+    void cancel_now() noexcept override;
     void set_cancel(cancel_source& source) noexcept { cancel_ = &source; }
 
     io_context* ctx_;
@@ -95,7 +113,6 @@ protected:
     std::uint32_t cqe_flags_ = 0;
 
 private:
-    friend class ringchat::cancel_source;
     static void complete(completion* self, int res, std::uint32_t flags) noexcept;
     void finish_start(io_uring_sqe* sqe, std::coroutine_handle<> waiter) noexcept;
 
@@ -248,7 +265,8 @@ public:
     void await_resume() const;
 
 private:
-    __kernel_timespec duration_{};
+    std::chrono::nanoseconds duration_;
+    __kernel_timespec deadline_{}; // absolute, CLOCK_MONOTONIC; set by await_suspend
 };
 
 class [[nodiscard]] cancel_fd_awaiter : public op_options<cancel_fd_awaiter> {
@@ -309,7 +327,8 @@ inline detail::cancel_fd_awaiter cancel(io_context& ctx, int fd) noexcept { retu
 
 } // namespace ops
 
-/// Suspends the calling coroutine for `duration` (an IORING_OP_TIMEOUT, no thread blocks).
+/// Suspends the calling coroutine for `duration`, counted from the co_await (an
+/// IORING_OP_TIMEOUT with an absolute deadline, no thread blocks). Io thread only.
 inline detail::sleep_awaiter sleep_for(io_context& ctx, std::chrono::nanoseconds duration) noexcept {
     return {ctx, duration};
 }

@@ -1,0 +1,324 @@
+#pragma once
+
+#include <ringchat/address.hpp>
+#include <ringchat/buffer.hpp>
+#include <ringchat/io_context.hpp>
+#include <ringchat/ops.hpp>
+#include <ringchat/producer.hpp>
+#include <ringchat/socket.hpp>
+
+#include <chrono>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace ringchat {
+
+/// Limits and sizes of one channel.
+struct channel_options {
+    /// Longest frame read_until accepts (bytes before the terminator). 64 KiB.
+    std::size_t max_frame = 64 * 1024;
+    /// Largest read_exact(n) and read_to_eof() returned as a view into the input buffer.
+    /// read_exact into a caller's span has no limit. 64 MiB.
+    std::size_t max_buffer = 64 * 1024 * 1024;
+    /// First allocation of the input buffer, and the free space each receive asks for at
+    /// least. The buffer is allocated on the first read.
+    std::size_t receive_size = 2048;
+    /// An empty input buffer larger than this is freed when a read has to wait, so idle
+    /// connections do not pin memory after a large frame.
+    std::size_t keep_buffer = 64 * 1024;
+    /// Back-pressure: write() waits while more than high_water bytes are queued, until
+    /// at most low_water are.
+    std::size_t high_water = 1024 * 1024;
+    std::size_t low_water = 256 * 1024;
+    /// After close_when_done() has sent everything and shut down the write side, input is
+    /// read and discarded until the peer closes or this much time has passed, so the peer
+    /// receives all of the reply (closing with unread input would make the kernel send a
+    /// reset that can destroy it). Then the descriptor is closed.
+    std::chrono::milliseconds linger = std::chrono::seconds(2);
+};
+
+/// Counters of one channel, for tests and benchmarks.
+struct channel_stats {
+    std::uint64_t bytes_received = 0;
+    std::uint64_t receives = 0;      ///< recv operations completed
+    std::uint64_t bytes_sent = 0;
+    std::uint64_t sends = 0;         ///< send/sendmsg operations completed
+    std::uint64_t bytes_searched = 0; ///< bytes read_until/skip_until examined
+};
+
+namespace detail {
+struct channel_core;
+
+/// One read on a channel (read_until, read_exact, read_some, read_to_eof, skip,
+/// skip_until). It receives into the channel's input buffer until its condition holds,
+/// resubmitting receives from its completion handler without resuming the coroutine, and
+/// consumes bytes only when it succeeds: a read that fails, times out or is cancelled
+/// leaves every received byte in the channel for the next read.
+class read_awaiter : public completion, public cancellable {
+public:
+    enum class kind : std::uint8_t { until, exact, exact_into, some, to_eof, skip, skip_until };
+
+    read_awaiter(channel_core* core, kind k, std::string_view term, std::size_t count,
+                 char* dest) noexcept;
+    read_awaiter(const read_awaiter& other) noexcept;
+    read_awaiter& operator=(const read_awaiter&) = delete;
+    ~read_awaiter();
+
+    bool await_ready();
+    bool await_suspend(std::coroutine_handle<> waiter) noexcept;
+    /// Cancels the receive in flight, if any (cancel_source, channel::close()).
+    void cancel_now() noexcept override;
+
+protected:
+    // Throws the failure, if any; otherwise consumes the frame and returns it (a view into
+    // the input buffer or the caller's span), or for skips the number of bytes skipped.
+    std::string_view finish();
+    [[nodiscard]] std::size_t skipped() const noexcept { return skipped_; }
+    void set_deadline(std::chrono::nanoseconds timeout) noexcept;
+    void set_cancel(cancel_source& source) noexcept { cancel_ = &source; }
+
+private:
+    enum class state : std::uint8_t { pending, done, failed };
+
+    static void complete(completion* self, int res, std::uint32_t flags) noexcept;
+    void evaluate() noexcept;
+    bool start_receive() noexcept;
+    void restore_direct_bytes() noexcept;
+    [[noreturn]] void throw_failure() const;
+
+    channel_core* core_;
+    std::string_view term_;
+    char* dest_;
+    std::size_t count_;
+    std::size_t searched_ = 0;    // bytes of the buffer known not to start the terminator
+    std::size_t frame_size_ = 0;  // size of the frame found
+    std::size_t consume_size_ = 0;
+    std::size_t from_buffer_ = 0; // exact_into: bytes copied from the input buffer
+    std::size_t direct_ = 0;      // exact_into: bytes received straight into dest
+    std::size_t skipped_ = 0;
+    cancel_source* cancel_ = nullptr;
+    std::coroutine_handle<> waiter_;
+    __kernel_timespec deadline_{};
+    std::chrono::nanoseconds timeout_{};
+    int error_ = 0; // -errno, or a negated ringchat::errc value below error_base
+    kind kind_;
+    state state_ = state::pending;
+    bool has_deadline_ = false;
+    bool in_flight_ = false;
+    bool cancelled_ = false;
+    bool into_dest_ = false; // exact_into: the receive in flight targets dest
+};
+
+/// Adds with_timeout() and cancel_on() to a read awaiter, returning it by value.
+template <typename Derived>
+class read_options : public read_awaiter {
+public:
+    /// Fails the whole read with errc::timed_out if it has not completed after `timeout`
+    /// (one deadline for all the receives it takes). Nothing is consumed then.
+    [[nodiscard]] Derived with_timeout(std::chrono::nanoseconds timeout) && noexcept {
+        set_deadline(timeout);
+        return static_cast<Derived&&>(*this);
+    }
+    /// Lets `source` cancel the read (errc::cancelled, nothing consumed). `source` must
+    /// outlive the co_await.
+    [[nodiscard]] Derived cancel_on(cancel_source& source) && noexcept {
+        set_cancel(source);
+        return static_cast<Derived&&>(*this);
+    }
+
+protected:
+    using read_awaiter::read_awaiter;
+    explicit read_options(const read_awaiter& base) noexcept : read_awaiter(base) {}
+};
+
+class [[nodiscard]] read_string_awaiter;
+
+/// A read whose result is a view: into the channel's input buffer (valid until the next
+/// read on the channel starts), or into the caller's span for read_exact(span).
+class [[nodiscard]] read_view_awaiter : public read_options<read_view_awaiter> {
+public:
+    using read_options::read_options;
+    std::string_view await_resume() { return finish(); }
+    /// The same read, yielding an owned std::string instead of a view.
+    [[nodiscard]] read_string_awaiter owned() && noexcept;
+};
+
+/// A read whose result is copied into a std::string the caller owns.
+class [[nodiscard]] read_string_awaiter : public read_options<read_string_awaiter> {
+public:
+    using read_options::read_options;
+    explicit read_string_awaiter(const read_awaiter& base) noexcept : read_options(base) {}
+    std::string await_resume() { return std::string(finish()); }
+};
+
+inline read_string_awaiter read_view_awaiter::owned() && noexcept {
+    return read_string_awaiter{static_cast<const read_awaiter&>(*this)};
+}
+
+/// skip and skip_until: yields how many bytes were discarded.
+class [[nodiscard]] skip_awaiter : public read_options<skip_awaiter> {
+public:
+    using read_options::read_options;
+    std::size_t await_resume() {
+        finish();
+        return skipped();
+    }
+};
+
+/// Waits for the channel's writer: drain (queue empty), write (below the low-water mark, or
+/// no wait when below the high-water mark), or shutdown (write side shut down). Rethrows a
+/// send failure that happened before or while waiting.
+class writer_awaiter {
+public:
+    enum class kind : std::uint8_t { no_wait, drain, below_low_water, shut_down };
+    writer_awaiter(channel_core* core, kind k) noexcept : core_(core), kind_(k) {}
+    writer_awaiter(const writer_awaiter&) = delete;
+    writer_awaiter& operator=(const writer_awaiter&) = delete;
+    ~writer_awaiter();
+    bool await_ready();
+    void await_suspend(std::coroutine_handle<> waiter) noexcept;
+    void await_resume();
+
+private:
+    friend struct channel_core;
+    channel_core* core_;
+    std::coroutine_handle<> waiter_;
+    kind kind_;
+    bool waiting_ = false;
+};
+
+} // namespace detail
+
+/// Reads framed messages from a connected stream and queues replies, like asynchat's
+/// async_chat: read_until() frames by a terminator, read_exact() by a byte count,
+/// read_some() takes what arrives (asynchat's set_terminator(None)); push() queues bytes or
+/// producers that one writer sends in order with batched scatter/gather sends.
+///
+/// Owns the stream, the input buffer and the send queue. One read at a time (a second
+/// concurrent read throws std::logic_error) and one coroutine awaiting the writer at a
+/// time; io thread only. Move-only. Destroying the channel keeps nothing pushed from being
+/// lost: queued output is still sent, then the connection is shut down and closed (after
+/// a bounded linger), unless close() aborted it.
+class channel {
+public:
+    /// Takes ownership of the connected stream `s`. Throws std::invalid_argument for an
+    /// empty stream or inconsistent options (low_water > high_water, zero sizes).
+    explicit channel(stream s, channel_options options = {});
+    channel(channel&& other) noexcept : core_(std::exchange(other.core_, nullptr)) {}
+    channel& operator=(channel&& other) noexcept;
+    channel(const channel&) = delete;
+    channel& operator=(const channel&) = delete;
+    ~channel();
+
+    // ---- reading: every read throws std::system_error with errc::eof when the peer
+    // closed before the first byte of the frame, incomplete_read_error when it closed
+    // inside the frame, the errno code of a failed receive (e.g. ECONNRESET), errc::closed
+    // after close(), and errc::timed_out / errc::cancelled from with_timeout / cancel_on.
+    // None of these consume bytes. Reads are awaited one at a time.
+
+    /// Waits for `term` (any non-empty byte string) and yields the bytes before it; the
+    /// terminator is consumed too. The view points into the input buffer and lives until
+    /// the next read on this channel starts (`.owned()` yields a std::string instead).
+    /// Throws frame_too_large_error when no terminator starts within max_frame bytes; the
+    /// bytes stay buffered (see discard(), skip_until()). Never rescans bytes it searched.
+    /// `term` must outlive the co_await. Throws std::invalid_argument for an empty term.
+    [[nodiscard]] detail::read_view_awaiter read_until(std::string_view term);
+
+    /// Waits for exactly `n` bytes (0 is allowed) and yields them as a view into the input
+    /// buffer, valid until the next read starts. Throws frame_too_large_error if `n` is
+    /// above max_buffer (nothing is read): use the span overload for large payloads.
+    [[nodiscard]] detail::read_view_awaiter read_exact(std::size_t n);
+
+    /// Fills all of `dest` and yields a view of it. Bytes already buffered are copied; the
+    /// rest is received straight into `dest` with no intermediate copy. On failure the
+    /// bytes that had arrived are put back into the channel, so nothing is consumed.
+    /// `dest` must outlive the co_await and must not be touched until it returns.
+    [[nodiscard]] detail::read_view_awaiter read_exact(std::span<char> dest);
+
+    /// Yields whatever is buffered, or waits for the next receive; an empty view means the
+    /// peer closed (no exception). View valid until the next read starts.
+    [[nodiscard]] detail::read_view_awaiter read_some();
+
+    /// Waits until the peer closes and yields everything received (at most max_buffer
+    /// bytes, else frame_too_large_error). View valid until the next read starts.
+    [[nodiscard]] detail::read_view_awaiter read_to_eof();
+
+    /// Discards the next `n` bytes, buffered or not; yields n. Unlike the reads above, a
+    /// skip discards as it goes: after a failure the skipped bytes are gone.
+    [[nodiscard]] detail::skip_awaiter skip(std::size_t n);
+
+    /// Discards everything up to and including the next `term`, without buffering it (for
+    /// recovering after frame_too_large_error); yields how many bytes were discarded.
+    /// Discards as it goes, like skip(). Throws std::invalid_argument for an empty term.
+    [[nodiscard]] detail::skip_awaiter skip_until(std::string_view term);
+
+    /// Bytes received but not consumed yet. The view lives until the next read starts.
+    [[nodiscard]] std::string_view buffered() const noexcept;
+
+    /// Discards the first `n` buffered bytes. Throws std::out_of_range if fewer are buffered.
+    void discard(std::size_t n);
+
+    // ---- writing: the queue is sent in order by the channel's writer, in batches of up
+    // to 16 buffers per sendmsg, started once per event-loop iteration. A send failure
+    // (e.g. the peer reset) empties the queue and is rethrown by drain(), write(),
+    // shutdown_send() and close_when_done(); later pushes are dropped.
+
+    /// Queues a copy of `bytes` and returns at once (asynchat's push). Throws
+    /// std::logic_error after shutdown_send() or close_when_done().
+    void push(std::string_view bytes);
+
+    /// Queues `bytes`, taking ownership without copying.
+    void push(std::string&& bytes);
+
+    /// Queues a producer (asynchat's push_with_producer): the writer calls its more() when
+    /// it reaches it and sends each chunk before the next, and before anything pushed
+    /// later. An exception from more() fails the writer like a send error.
+    template <producer P>
+        requires(!std::convertible_to<P, std::string_view>)
+    void push(P p) {
+        push_producer(std::make_unique<detail::producer_holder_for<P>>(std::move(p)));
+    }
+
+    /// Waits until everything queued has been sent.
+    [[nodiscard]] detail::writer_awaiter drain();
+
+    /// Queues a copy of `bytes`, then waits while more than high_water bytes are queued,
+    /// until at most low_water are: back-pressure against a peer that does not read.
+    [[nodiscard]] detail::writer_awaiter write(std::string_view bytes);
+
+    /// Half-close: sends everything queued, then shuts down the write side (the peer reads
+    /// EOF) while reading goes on. Waits for the shutdown.
+    [[nodiscard]] detail::writer_awaiter shutdown_send();
+
+    /// Sends everything queued, then shuts the connection down and closes it (after the
+    /// linger described in channel_options). Takes effect when called: awaiting it waits
+    /// until the write side is shut down, but if the caller does not await it (or destroys
+    /// the channel right after), the channel still finishes on its own.
+    detail::writer_awaiter close_when_done();
+
+    /// Aborts: drops queued output, cancels what is in flight and closes the descriptor now.
+    /// Later reads and writes fail with errc::closed.
+    void close() noexcept;
+
+    /// Bytes pushed and not yet sent (producers count only for the chunk being sent).
+    [[nodiscard]] std::size_t queued_bytes() const noexcept;
+    /// The peer's address, for messages.
+    [[nodiscard]] const address& peer() const noexcept;
+    [[nodiscard]] io_context& context() const noexcept;
+    [[nodiscard]] int native_handle() const noexcept;
+    [[nodiscard]] const channel_stats& stats() const noexcept;
+    [[nodiscard]] const channel_options& options() const noexcept;
+
+private:
+    void push_producer(std::unique_ptr<detail::producer_holder> p);
+    detail::channel_core& core() const;
+
+    detail::channel_core* core_ = nullptr;
+};
+
+} // namespace ringchat

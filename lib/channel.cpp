@@ -1,0 +1,1054 @@
+#include <ringchat/channel.hpp>
+#include <ringchat/error.hpp>
+#include <ringchat/log.hpp>
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <stdexcept>
+#include <vector>
+
+#include <sys/uio.h>
+
+namespace ringchat {
+
+simple_producer::simple_producer(std::string data, std::size_t chunk_size)
+    : data_(std::move(data)), chunk_size_(chunk_size) {
+    if (chunk_size == 0) {
+        throw std::invalid_argument("simple_producer: chunk size must be at least 1");
+    }
+}
+
+std::string_view simple_producer::more() noexcept {
+    std::size_t n = std::min(chunk_size_, data_.size() - position_);
+    std::string_view chunk(data_.data() + position_, n);
+    position_ += n;
+    return chunk;
+}
+
+namespace detail {
+
+namespace {
+
+constexpr std::size_t max_iovecs = 16;
+
+// Strings at least this large live on the heap, so moving one (when the queue grows) keeps
+// its bytes where an in-flight sendmsg may be reading them. Short strings are stored
+// inline by libstdc++ and would move with the string object.
+constexpr std::size_t min_entry_capacity = 32;
+
+__kernel_timespec deadline_after(std::chrono::nanoseconds timeout) noexcept {
+    timespec now{};
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    auto total = std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec) +
+                 std::max(timeout, std::chrono::nanoseconds(0));
+    auto secs = std::chrono::duration_cast<std::chrono::seconds>(total);
+    __kernel_timespec ts{};
+    ts.tv_sec = secs.count();
+    ts.tv_nsec = (total - secs).count();
+    return ts;
+}
+
+void link_deadline(io_context& ctx, io_uring_sqe* sqe, __kernel_timespec* deadline) {
+    sqe->flags |= IOSQE_IO_LINK;
+    io_uring_sqe* timeout = io_uring_get_sqe(ctx.native());
+    io_uring_prep_link_timeout(timeout, deadline, IORING_TIMEOUT_ABS);
+    io_uring_sqe_set_data64(timeout, 0);
+}
+
+// Where lingering connections put input they discard. Shared: nobody reads it.
+char discard_area[16 * 1024];
+
+} // namespace
+
+/// One entry of the send queue: bytes (owned) or a producer and its current chunk.
+struct out_entry {
+    std::string data;
+    std::size_t sent = 0;
+    std::unique_ptr<producer_holder> producer;
+    std::string_view chunk;
+    std::size_t chunk_sent = 0;
+
+    [[nodiscard]] bool is_producer() const noexcept { return producer != nullptr; }
+    [[nodiscard]] bool finished() const noexcept { return !producer && sent == data.size(); }
+    void reset() noexcept {
+        data.clear(); // keeps the capacity: the slot is reused without allocating
+        sent = 0;
+        producer.reset();
+        chunk = {};
+        chunk_sent = 0;
+    }
+};
+
+/// FIFO of out_entry slots in a vector used as a ring; popped slots keep their string
+/// capacity, so a steady stream of pushes allocates nothing.
+class entry_ring {
+public:
+    [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
+    [[nodiscard]] std::size_t size() const noexcept { return count_; }
+    out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) % slots_.size()]; }
+    out_entry& front() noexcept { return (*this)[0]; }
+    out_entry& back() noexcept { return (*this)[count_ - 1]; }
+
+    out_entry& push_back() {
+        if (count_ == slots_.size()) {
+            grow();
+        }
+        ++count_;
+        return back();
+    }
+    void pop_front() noexcept {
+        front().reset();
+        head_ = (head_ + 1) % slots_.size();
+        --count_;
+    }
+    void clear() noexcept {
+        while (!empty()) {
+            pop_front();
+        }
+    }
+
+private:
+    void grow() {
+        std::vector<out_entry> bigger(std::max<std::size_t>(4, slots_.size() * 2));
+        for (std::size_t i = 0; i < count_; ++i) {
+            bigger[i] = std::move((*this)[i]);
+        }
+        // Slots beyond count_ keep no useful capacity after the move; that is fine.
+        slots_ = std::move(bigger);
+        head_ = 0;
+    }
+
+    std::vector<out_entry> slots_;
+    std::size_t head_ = 0;
+    std::size_t count_ = 0;
+};
+
+struct channel_core final : flush_node, owned_node {
+    enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
+
+    struct member_op : completion {
+        channel_core* core = nullptr;
+    };
+
+    channel_core(stream&& s, const channel_options& o)
+        : ctx(&s.context()), peer(s.peer()), opts(o), input(o.receive_size) {
+        fd = s.release();
+        flush_node::flush = &channel_core::flush_thunk;
+        owned_node::destroy = &channel_core::destroy_thunk;
+        send_op.on_complete = &channel_core::send_done;
+        send_op.core = this;
+        shutdown_op.on_complete = &channel_core::shutdown_done;
+        shutdown_op.core = this;
+        linger_op.on_complete = &channel_core::linger_done;
+        linger_op.core = this;
+    }
+
+    io_context* ctx;
+    int fd = -1;
+    address peer;
+    channel_options opts;
+    buffer input;
+    channel_stats stats;
+
+    read_awaiter* reader = nullptr;
+    int read_error = 0; // sticky failure of a receive (-errno)
+    bool eof = false;
+    bool aborted = false; // close() was called
+
+    entry_ring queue;
+    std::size_t queued = 0;
+    std::size_t in_flight_entries = 0;
+    bool sending = false;
+    int write_error = 0; // -errno of a failed send (or -EIO for a producer failure)
+    std::exception_ptr producer_error;
+    iovec iov[max_iovecs]{};
+    msghdr message{};
+    member_op send_op;
+    member_op shutdown_op;
+    member_op linger_op;
+    writer_awaiter* writer = nullptr;
+    __kernel_timespec linger_deadline{};
+    phase state = phase::open;
+    bool handle_alive = true;
+    bool close_wanted = false;
+
+    static void flush_thunk(flush_node* self) noexcept { static_cast<channel_core*>(self)->flush(); }
+    static void destroy_thunk(owned_node* self) noexcept {
+        static_cast<channel_core*>(self)->destroy_now();
+    }
+
+    bool writer_condition(writer_awaiter::kind k) const noexcept {
+        if (write_error != 0 || aborted) {
+            return true;
+        }
+        switch (k) {
+        case writer_awaiter::kind::no_wait:
+            return true;
+        case writer_awaiter::kind::drain:
+            return queue.empty() && !sending;
+        case writer_awaiter::kind::below_low_water:
+            return queued <= opts.low_water;
+        case writer_awaiter::kind::shut_down:
+            return state >= phase::shut;
+        }
+        return true;
+    }
+
+    // Resumes the coroutine waiting on the writer if its condition now holds. Must be the
+    // last thing a completion handler does: the resumed coroutine may destroy the channel.
+    void notify_writer() noexcept {
+        writer_awaiter* w = writer;
+        if (w == nullptr || !writer_condition(w->kind_)) {
+            return;
+        }
+        writer = nullptr;
+        w->waiting_ = false;
+        w->waiter_.resume();
+    }
+
+    void pop_finished_front() noexcept {
+        while (!queue.empty() && queue.front().finished()) {
+            queue.pop_front();
+        }
+    }
+
+    void flush() noexcept {
+        if (sending || write_error != 0 || aborted) {
+            return;
+        }
+        pop_finished_front();
+        std::size_t iovcnt = 0;
+        std::size_t entries = 0;
+        for (; entries < queue.size() && iovcnt < max_iovecs; ++entries) {
+            out_entry& e = queue[entries];
+            if (e.is_producer()) {
+                if (e.chunk_sent == e.chunk.size()) {
+                    try {
+                        e.chunk = e.producer->next();
+                    } catch (...) {
+                        fail_writer(-EIO, std::current_exception());
+                        return;
+                    }
+                    e.chunk_sent = 0;
+                    if (e.chunk.empty()) {
+                        e.reset(); // exhausted: now an empty bytes entry, popped when reached
+                        continue;
+                    }
+                }
+                iov[iovcnt++] = {const_cast<char*>(e.chunk.data()) + e.chunk_sent,
+                                 e.chunk.size() - e.chunk_sent};
+                ++entries;
+                break; // the producer's next chunk must come before anything after it
+            }
+            if (e.sent < e.data.size()) {
+                iov[iovcnt++] = {e.data.data() + e.sent, e.data.size() - e.sent};
+            }
+        }
+        if (iovcnt == 0) {
+            pop_finished_front();
+            if (queue.empty() && state == phase::shutdown_wanted) {
+                start_shutdown();
+            }
+            return;
+        }
+        io_uring_sqe* sqe = ctx->get_sqe();
+        if (iovcnt == 1) {
+            io_uring_prep_send(sqe, fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+        } else {
+            message.msg_iov = iov;
+            message.msg_iovlen = iovcnt;
+            io_uring_prep_sendmsg(sqe, fd, &message, MSG_NOSIGNAL);
+        }
+        io_uring_sqe_set_data(sqe, static_cast<completion*>(&send_op));
+        ctx->operation_started();
+        sending = true;
+        in_flight_entries = entries;
+    }
+
+    static void send_done(completion* op, int res, std::uint32_t) noexcept {
+        static_cast<member_op*>(op)->core->on_send(res);
+    }
+
+    void on_send(int res) noexcept {
+        sending = false;
+        in_flight_entries = 0;
+        if (res < 0) {
+            log(log_level::info, "channel: send to {} failed: {}", peer.to_string(),
+                std::strerror(-res));
+            fail_writer(res, nullptr);
+            return;
+        }
+        ++stats.sends;
+        stats.bytes_sent += static_cast<std::size_t>(res);
+        if (log_enabled(log_level::trace)) {
+            log(log_level::trace, "channel {}: sent {} bytes", peer.to_string(), res);
+        }
+        auto remaining = static_cast<std::size_t>(res);
+        for (std::size_t i = 0; remaining > 0 && i < queue.size(); ++i) {
+            out_entry& e = queue[i];
+            if (e.is_producer()) {
+                std::size_t take = std::min(remaining, e.chunk.size() - e.chunk_sent);
+                e.chunk_sent += take;
+                remaining -= take;
+                break;
+            }
+            std::size_t take = std::min(remaining, e.data.size() - e.sent);
+            e.sent += take;
+            queued -= take;
+            remaining -= take;
+        }
+        pop_finished_front();
+        if (!queue.empty()) {
+            ctx->request_flush(this);
+        } else if (state == phase::shutdown_wanted) {
+            start_shutdown();
+        }
+        notify_writer();
+    }
+
+    void fail_writer(int err, std::exception_ptr error) noexcept {
+        write_error = err;
+        producer_error = std::move(error);
+        queue.clear();
+        queued = 0;
+        if (!handle_alive) {
+            finish();
+            return;
+        }
+        notify_writer();
+    }
+
+    void start_shutdown() noexcept {
+        state = phase::shutting_down;
+        io_uring_sqe* sqe = ctx->get_sqe();
+        io_uring_prep_shutdown(sqe, fd, SHUT_WR);
+        io_uring_sqe_set_data(sqe, static_cast<completion*>(&shutdown_op));
+        ctx->operation_started();
+    }
+
+    static void shutdown_done(completion* op, int res, std::uint32_t) noexcept {
+        static_cast<member_op*>(op)->core->on_shutdown(res);
+    }
+
+    void on_shutdown(int res) noexcept {
+        state = phase::shut;
+        // ENOTCONN: the peer already reset the connection; there is nothing left to shut.
+        if (res < 0 && res != -ENOTCONN) {
+            log(log_level::info, "channel: shutdown of connection to {} failed: {}",
+                peer.to_string(), std::strerror(-res));
+        }
+        if (!handle_alive) {
+            start_linger();
+            return;
+        }
+        notify_writer();
+    }
+
+    void start_linger() noexcept {
+        if (state != phase::lingering) {
+            state = phase::lingering;
+            linger_deadline = deadline_after(opts.linger);
+        }
+        io_uring_sqe* sqe = ctx->get_sqe(2);
+        io_uring_prep_recv(sqe, fd, discard_area, sizeof discard_area, 0);
+        io_uring_sqe_set_data(sqe, static_cast<completion*>(&linger_op));
+        link_deadline(*ctx, sqe, &linger_deadline);
+        ctx->operation_started();
+    }
+
+    static void linger_done(completion* op, int res, std::uint32_t) noexcept {
+        channel_core* core = static_cast<member_op*>(op)->core;
+        if (res > 0) {
+            core->start_linger(); // discard and keep waiting for the peer's FIN
+        } else {
+            core->finish();
+        }
+    }
+
+    void close_fd() noexcept {
+        if (fd >= 0) {
+            io_uring_sqe* sqe = ctx->get_sqe();
+            io_uring_prep_close(sqe, fd);
+            io_uring_sqe_set_data64(sqe, 0);
+            fd = -1;
+        }
+    }
+
+    // The connection is over: close it, and free the core if no handle refers to it.
+    void finish() noexcept {
+        close_fd();
+        state = phase::closed;
+        if (!handle_alive) {
+            ctx->disown(this);
+            ctx->cancel_flush(this);
+            delete this;
+        }
+    }
+
+    // Cancels whatever the core has in flight and waits for the kernel to let go of it.
+    void cancel_in_flight() noexcept {
+        if (sending) {
+            ctx->cancel_and_wait(&send_op);
+            sending = false;
+        }
+        if (state == phase::shutting_down) {
+            ctx->cancel_and_wait(&shutdown_op);
+            state = phase::shut;
+        }
+        if (state == phase::lingering) {
+            ctx->cancel_and_wait(&linger_op);
+        }
+    }
+
+    // ~io_context: the context is going away while this orphaned channel still works.
+    void destroy_now() noexcept {
+        cancel_in_flight();
+        ctx->cancel_flush(this);
+        close_fd();
+        delete this;
+    }
+
+    // The channel handle is gone: finish sending what was pushed, then close.
+    void handle_released() noexcept {
+        handle_alive = false;
+        if (state == phase::closed) {
+            ctx->cancel_flush(this);
+            delete this;
+            return;
+        }
+        const bool output_pending = !queue.empty() || sending;
+        if (write_error == 0 && (close_wanted || output_pending || state != phase::open)) {
+            close_wanted = true;
+            ctx->adopt(this);
+            if (state == phase::open) {
+                state = phase::shutdown_wanted;
+            }
+            if (state == phase::shut) {
+                start_linger();
+            } else if (state == phase::shutdown_wanted && !output_pending) {
+                start_shutdown();
+            }
+            return;
+        }
+        ctx->cancel_flush(this);
+        close_fd();
+        delete this;
+    }
+
+    void request_shutdown() {
+        if (aborted) {
+            return;
+        }
+        if (state == phase::open) {
+            state = phase::shutdown_wanted;
+            if (write_error == 0) {
+                ctx->request_flush(this); // starts the shutdown if nothing is queued
+            }
+        }
+    }
+};
+
+// ---------------------------------------------------------------- read_awaiter
+
+read_awaiter::read_awaiter(channel_core* core, kind k, std::string_view term, std::size_t count,
+                           char* dest) noexcept
+    : completion{&read_awaiter::complete}, core_(core), term_(term), dest_(dest), count_(count),
+      kind_(k) {}
+
+read_awaiter::read_awaiter(const read_awaiter& other) noexcept
+    : completion{other.on_complete}, core_(other.core_), term_(other.term_), dest_(other.dest_),
+      count_(other.count_), cancel_(other.cancel_), timeout_(other.timeout_),
+      kind_(other.kind_), has_deadline_(other.has_deadline_) {}
+
+read_awaiter::~read_awaiter() {
+    if (in_flight_) {
+        // The awaiting coroutine is being destroyed: take the receive back from the kernel
+        // before the frame (and maybe the destination) goes away.
+        core_->ctx->cancel_and_wait(this);
+        in_flight_ = false;
+        restore_direct_bytes();
+    }
+    if (core_->reader == this) {
+        core_->reader = nullptr;
+    }
+    if (cancel_ != nullptr) {
+        cancel_->detach(this);
+    }
+}
+
+void read_awaiter::set_deadline(std::chrono::nanoseconds timeout) noexcept {
+    timeout_ = timeout;
+    has_deadline_ = true;
+}
+
+void read_awaiter::cancel_now() noexcept {
+    if (in_flight_) {
+        cancelled_ = true;
+        core_->ctx->request_cancel(this);
+    }
+}
+
+namespace {
+// Reasons a read failed, besides an errno value.
+constexpr int fail_eof = 1;
+constexpr int fail_incomplete = 2;
+constexpr int fail_too_large = 3;
+constexpr int fail_timed_out = 4;
+constexpr int fail_cancelled = 5;
+constexpr int fail_closed = 6;
+} // namespace
+
+bool read_awaiter::await_ready() {
+    if (core_->reader != nullptr) {
+        throw std::logic_error("ringchat::channel: a read is already in progress on this channel");
+    }
+    if (core_->aborted) {
+        error_ = fail_closed;
+        state_ = state::failed;
+        return true;
+    }
+    if (kind_ == kind::exact && count_ > core_->opts.max_buffer) {
+        error_ = fail_too_large;
+        state_ = state::failed;
+        return true;
+    }
+    if (kind_ == kind::exact_into) {
+        std::string_view have = core_->input.data();
+        from_buffer_ = std::min(have.size(), count_);
+        if (from_buffer_ != 0) {
+            std::memcpy(dest_, have.data(), from_buffer_);
+        }
+    }
+    evaluate();
+    return state_ != state::pending;
+}
+
+void read_awaiter::evaluate() noexcept {
+    channel_core& c = *core_;
+    std::string_view data = c.input.data();
+    switch (kind_) {
+    case kind::until:
+    case kind::skip_until: {
+        const std::size_t t = term_.size();
+        if (data.size() > searched_) {
+            c.stats.bytes_searched += data.size() - searched_;
+        }
+        std::size_t pos = data.find(term_, searched_);
+        if (pos != std::string_view::npos) {
+            if (kind_ == kind::skip_until) {
+                c.input.consume(pos + t);
+                skipped_ += pos + t;
+                state_ = state::done;
+            } else if (pos > c.opts.max_frame) {
+                error_ = fail_too_large;
+                state_ = state::failed;
+            } else {
+                frame_size_ = pos;
+                consume_size_ = pos + t;
+                state_ = state::done;
+            }
+            return;
+        }
+        // No match starts before here; back up by t - 1 so that a terminator split across
+        // receives is still found when its tail arrives.
+        std::size_t cleared = data.size() >= t ? data.size() - t + 1 : 0;
+        if (kind_ == kind::skip_until) {
+            c.input.consume(cleared);
+            skipped_ += cleared;
+            searched_ = 0;
+        } else {
+            searched_ = cleared;
+            if (cleared > c.opts.max_frame) {
+                error_ = fail_too_large;
+                state_ = state::failed;
+                return;
+            }
+        }
+        break;
+    }
+    case kind::exact:
+        if (data.size() >= count_) {
+            frame_size_ = consume_size_ = count_;
+            state_ = state::done;
+            return;
+        }
+        break;
+    case kind::exact_into:
+        if (from_buffer_ + direct_ == count_) {
+            state_ = state::done;
+            return;
+        }
+        break;
+    case kind::some:
+        if (!data.empty() || c.eof) {
+            frame_size_ = consume_size_ = data.size();
+            state_ = state::done;
+            return;
+        }
+        break;
+    case kind::to_eof:
+        if (c.eof) {
+            frame_size_ = consume_size_ = data.size();
+            state_ = state::done;
+            return;
+        }
+        if (data.size() > c.opts.max_buffer) {
+            error_ = fail_too_large;
+            state_ = state::failed;
+            return;
+        }
+        break;
+    case kind::skip: {
+        std::size_t take = std::min(data.size(), count_ - skipped_);
+        c.input.consume(take);
+        skipped_ += take;
+        if (skipped_ == count_) {
+            state_ = state::done;
+            return;
+        }
+        break;
+    }
+    }
+    if (c.read_error != 0) {
+        error_ = c.read_error;
+        state_ = state::failed;
+    } else if (c.eof) {
+        std::size_t got = kind_ == kind::exact_into ? from_buffer_ + direct_
+                          : (kind_ == kind::skip || kind_ == kind::skip_until)
+                              ? skipped_
+                              : c.input.size();
+        error_ = got == 0 ? fail_eof : fail_incomplete;
+        state_ = state::failed;
+    }
+}
+
+bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
+    waiter_ = waiter;
+    core_->reader = this;
+    if (has_deadline_) {
+        deadline_ = deadline_after(timeout_);
+    }
+    if (!start_receive()) {
+        core_->reader = nullptr;
+        restore_direct_bytes();
+        return false;
+    }
+    return true;
+}
+
+bool read_awaiter::start_receive() noexcept {
+    channel_core& c = *core_;
+    if (cancel_ != nullptr && cancel_->cancel_requested()) {
+        error_ = fail_cancelled;
+        state_ = state::failed;
+        return false;
+    }
+    void* target;
+    std::size_t size;
+    if (kind_ == kind::exact_into) {
+        // Everything buffered is already in dest: receive the rest straight into it.
+        into_dest_ = true;
+        target = dest_ + from_buffer_ + direct_;
+        size = count_ - from_buffer_ - direct_;
+    } else {
+        if (c.input.empty()) {
+            c.input.release_if_idle(c.opts.keep_buffer);
+        }
+        std::size_t want = c.opts.receive_size;
+        if (kind_ == kind::exact) {
+            want = std::max(want, count_ - c.input.size());
+        }
+        std::span<char> space;
+        try {
+            space = c.input.prepare(want);
+        } catch (const std::bad_alloc&) {
+            error_ = -ENOMEM;
+            state_ = state::failed;
+            return false;
+        }
+        target = space.data();
+        size = space.size();
+    }
+    io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
+    io_uring_prep_recv(sqe, c.fd, target, size, 0);
+    io_uring_sqe_set_data(sqe, static_cast<completion*>(this));
+    if (has_deadline_) {
+        link_deadline(*c.ctx, sqe, &deadline_);
+    }
+    in_flight_ = true;
+    c.ctx->operation_started();
+    if (cancel_ != nullptr) {
+        cancel_->attach(this);
+    }
+    return true;
+}
+
+void read_awaiter::complete(completion* self, int res, std::uint32_t) noexcept {
+    auto* r = static_cast<read_awaiter*>(self);
+    channel_core& c = *r->core_;
+    r->in_flight_ = false;
+    if (r->cancel_ != nullptr) {
+        r->cancel_->detach(r);
+    }
+    if (res > 0) {
+        ++c.stats.receives;
+        c.stats.bytes_received += static_cast<std::size_t>(res);
+        if (log_enabled(log_level::trace)) {
+            log(log_level::trace, "channel {}: received {} bytes", c.peer.to_string(), res);
+        }
+        if (r->into_dest_) {
+            r->direct_ += static_cast<std::size_t>(res);
+        } else {
+            c.input.commit(static_cast<std::size_t>(res));
+        }
+        r->evaluate();
+        if (r->state_ == state::pending && r->start_receive()) {
+            return; // not there yet: receive again without resuming the coroutine
+        }
+    } else if (res == 0) {
+        ++c.stats.receives;
+        c.eof = true;
+        r->evaluate();
+    } else if (c.aborted) {
+        r->error_ = fail_closed;
+        r->state_ = state::failed;
+    } else if (res == -ECANCELED && r->cancelled_) {
+        r->error_ = fail_cancelled;
+        r->state_ = state::failed;
+    } else if ((res == -ECANCELED && r->has_deadline_) || res == -ETIME) {
+        r->error_ = fail_timed_out;
+        r->state_ = state::failed;
+    } else {
+        c.read_error = res;
+        r->error_ = res;
+        r->state_ = state::failed;
+    }
+    if (r->state_ == state::failed) {
+        r->restore_direct_bytes();
+    }
+    c.reader = nullptr;
+    r->waiter_.resume();
+}
+
+void read_awaiter::restore_direct_bytes() noexcept {
+    // read_exact(span) received these straight into dest; put them back behind the bytes
+    // still buffered (which were copied but never consumed), so the channel holds exactly
+    // what it would have held had the read never started.
+    if (kind_ == kind::exact_into && direct_ != 0) {
+        try {
+            core_->input.append(std::string_view(dest_ + from_buffer_, direct_));
+        } catch (const std::bad_alloc&) {
+            core_->read_error = -ENOMEM;
+        }
+        direct_ = 0;
+    }
+}
+
+std::string_view read_awaiter::finish() {
+    if (state_ == state::failed) {
+        throw_failure();
+    }
+    buffer& input = core_->input;
+    switch (kind_) {
+    case kind::exact_into:
+        input.consume(from_buffer_);
+        return {dest_, count_};
+    case kind::skip:
+    case kind::skip_until:
+        return {};
+    default: {
+        std::string_view frame = input.data().substr(0, frame_size_);
+        input.consume(consume_size_);
+        return frame;
+    }
+    }
+}
+
+void read_awaiter::throw_failure() const {
+    const channel_core& c = *core_;
+    std::string what;
+    switch (kind_) {
+    case kind::until:
+        what = fmt::format("read_until {:?} from {}", term_, c.peer.to_string());
+        break;
+    case kind::skip_until:
+        what = fmt::format("skip_until {:?} from {}", term_, c.peer.to_string());
+        break;
+    case kind::exact:
+    case kind::exact_into:
+        what = fmt::format("read_exact({}) from {}", count_, c.peer.to_string());
+        break;
+    case kind::some:
+        what = fmt::format("read_some from {}", c.peer.to_string());
+        break;
+    case kind::to_eof:
+        what = fmt::format("read_to_eof from {}", c.peer.to_string());
+        break;
+    case kind::skip:
+        what = fmt::format("skip({}) from {}", count_, c.peer.to_string());
+        break;
+    }
+    switch (error_) {
+    case fail_eof:
+        throw std::system_error(make_error_code(errc::eof), what + ": connection closed by peer");
+    case fail_incomplete: {
+        std::size_t got = kind_ == kind::skip || kind_ == kind::skip_until ? skipped_
+                          : kind_ == kind::exact_into                      ? from_buffer_
+                                                                           : c.input.size();
+        std::size_t expected =
+            kind_ == kind::exact || kind_ == kind::exact_into || kind_ == kind::skip ? count_ : 0;
+        std::string detail = expected != 0
+                                 ? fmt::format("after {} of {} bytes", got, expected)
+                                 : fmt::format("after {} bytes without the terminator", got);
+        throw incomplete_read_error(got, expected,
+                                    what + ": connection closed by peer inside a frame, " + detail);
+    }
+    case fail_too_large: {
+        std::size_t limit = kind_ == kind::until ? c.opts.max_frame : c.opts.max_buffer;
+        throw frame_too_large_error(limit, fmt::format("{}: frame larger than the {}-byte limit",
+                                                       what, limit));
+    }
+    case fail_timed_out:
+        throw std::system_error(make_error_code(errc::timed_out), what);
+    case fail_cancelled:
+        throw std::system_error(make_error_code(errc::cancelled), what);
+    case fail_closed:
+        throw std::system_error(make_error_code(errc::closed), what);
+    default:
+        throw std::system_error(io_error_code(error_), what);
+    }
+}
+
+// ---------------------------------------------------------------- writer_awaiter
+
+writer_awaiter::~writer_awaiter() {
+    if (waiting_ && core_->writer == this) {
+        core_->writer = nullptr;
+    }
+}
+
+bool writer_awaiter::await_ready() {
+    if (core_->writer != nullptr) {
+        throw std::logic_error("ringchat::channel: another coroutine already waits on the writer");
+    }
+    return core_->writer_condition(kind_);
+}
+
+void writer_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
+    waiter_ = waiter;
+    waiting_ = true;
+    core_->writer = this;
+}
+
+void writer_awaiter::await_resume() {
+    const channel_core& c = *core_;
+    if (c.producer_error) {
+        std::rethrow_exception(c.producer_error);
+    }
+    if (c.write_error != 0) {
+        throw_io_error(c.write_error, "send to", &c.peer);
+    }
+    if (c.aborted) {
+        throw std::system_error(make_error_code(errc::closed),
+                                fmt::format("send to {}", c.peer.to_string()));
+    }
+}
+
+} // namespace detail
+
+// ---------------------------------------------------------------- channel
+
+channel::channel(stream s, channel_options options) {
+    if (!s.is_open()) {
+        throw std::invalid_argument("ringchat::channel needs an open stream");
+    }
+    if (options.low_water > options.high_water || options.receive_size == 0 ||
+        options.max_frame == 0) {
+        throw std::invalid_argument(
+            "ringchat::channel_options: need low_water <= high_water and non-zero sizes");
+    }
+    core_ = new detail::channel_core(std::move(s), options);
+}
+
+channel& channel::operator=(channel&& other) noexcept {
+    if (this != &other) {
+        if (core_ != nullptr) {
+            core_->handle_released();
+        }
+        core_ = std::exchange(other.core_, nullptr);
+    }
+    return *this;
+}
+
+channel::~channel() {
+    if (core_ != nullptr) {
+        core_->handle_released();
+    }
+}
+
+detail::channel_core& channel::core() const {
+    if (core_ == nullptr) {
+        throw std::logic_error("ringchat::channel used after it was moved from");
+    }
+    return *core_;
+}
+
+detail::read_view_awaiter channel::read_until(std::string_view term) {
+    if (term.empty()) {
+        throw std::invalid_argument("channel::read_until: the terminator must not be empty");
+    }
+    return {&core(), detail::read_awaiter::kind::until, term, 0, nullptr};
+}
+
+detail::read_view_awaiter channel::read_exact(std::size_t n) {
+    return {&core(), detail::read_awaiter::kind::exact, {}, n, nullptr};
+}
+
+detail::read_view_awaiter channel::read_exact(std::span<char> dest) {
+    return {&core(), detail::read_awaiter::kind::exact_into, {}, dest.size(), dest.data()};
+}
+
+detail::read_view_awaiter channel::read_some() {
+    return {&core(), detail::read_awaiter::kind::some, {}, 0, nullptr};
+}
+
+detail::read_view_awaiter channel::read_to_eof() {
+    return {&core(), detail::read_awaiter::kind::to_eof, {}, 0, nullptr};
+}
+
+detail::skip_awaiter channel::skip(std::size_t n) {
+    return {&core(), detail::read_awaiter::kind::skip, {}, n, nullptr};
+}
+
+detail::skip_awaiter channel::skip_until(std::string_view term) {
+    if (term.empty()) {
+        throw std::invalid_argument("channel::skip_until: the terminator must not be empty");
+    }
+    return {&core(), detail::read_awaiter::kind::skip_until, term, 0, nullptr};
+}
+
+std::string_view channel::buffered() const noexcept {
+    return core_ != nullptr ? core_->input.data() : std::string_view{};
+}
+
+void channel::discard(std::size_t n) {
+    auto& c = core();
+    if (n > c.input.size()) {
+        throw std::out_of_range(fmt::format("channel::discard({}): only {} bytes are buffered", n,
+                                            c.input.size()));
+    }
+    c.input.consume(n);
+}
+
+namespace {
+
+void check_can_push(const detail::channel_core& c) {
+    if (c.state != detail::channel_core::phase::open || c.aborted) {
+        throw std::logic_error("ringchat::channel: push after shutdown_send(), close_when_done() "
+                               "or close()");
+    }
+}
+
+} // namespace
+
+void channel::push(std::string_view bytes) {
+    auto& c = core();
+    check_can_push(c);
+    if (c.write_error != 0 || bytes.empty()) {
+        return;
+    }
+    // Coalesce with the last queued buffer unless a send in flight covers it.
+    if (!c.queue.empty() && c.queue.size() > c.in_flight_entries && !c.queue.back().is_producer()) {
+        c.queue.back().data.append(bytes);
+    } else {
+        detail::out_entry& e = c.queue.push_back();
+        e.data.reserve(std::max(bytes.size(), detail::min_entry_capacity));
+        e.data.assign(bytes);
+    }
+    c.queued += bytes.size();
+    c.ctx->request_flush(&c);
+}
+
+void channel::push(std::string&& bytes) {
+    auto& c = core();
+    check_can_push(c);
+    if (c.write_error != 0 || bytes.empty()) {
+        return;
+    }
+    if (bytes.capacity() < detail::min_entry_capacity) {
+        push(std::string_view(bytes)); // short: copying is as cheap, and keeps it on the heap
+        return;
+    }
+    detail::out_entry& e = c.queue.push_back();
+    c.queued += bytes.size();
+    e.data = std::move(bytes);
+    c.ctx->request_flush(&c);
+}
+
+void channel::push_producer(std::unique_ptr<detail::producer_holder> p) {
+    auto& c = core();
+    check_can_push(c);
+    if (c.write_error != 0) {
+        return;
+    }
+    detail::out_entry& e = c.queue.push_back();
+    e.producer = std::move(p);
+    c.ctx->request_flush(&c);
+}
+
+detail::writer_awaiter channel::drain() {
+    return {&core(), detail::writer_awaiter::kind::drain};
+}
+
+detail::writer_awaiter channel::write(std::string_view bytes) {
+    push(bytes);
+    if (core().queued <= core().opts.high_water) {
+        // Below the high mark: nothing to wait for, whatever low_water says.
+        return {&core(), detail::writer_awaiter::kind::no_wait};
+    }
+    return {&core(), detail::writer_awaiter::kind::below_low_water};
+}
+
+detail::writer_awaiter channel::shutdown_send() {
+    core().request_shutdown();
+    return {&core(), detail::writer_awaiter::kind::shut_down};
+}
+
+detail::writer_awaiter channel::close_when_done() {
+    auto& c = core();
+    c.close_wanted = true;
+    c.request_shutdown();
+    return {&c, detail::writer_awaiter::kind::shut_down};
+}
+
+void channel::close() noexcept {
+    if (core_ == nullptr || core_->aborted) {
+        return;
+    }
+    auto& c = *core_;
+    c.aborted = true;
+    if (c.reader != nullptr) {
+        c.reader->cancel_now();
+    }
+    c.cancel_in_flight();
+    c.queue.clear();
+    c.queued = 0;
+    c.ctx->cancel_flush(&c);
+    c.close_fd();
+    c.state = detail::channel_core::phase::closed;
+    c.notify_writer();
+}
+
+std::size_t channel::queued_bytes() const noexcept { return core_ ? core_->queued : 0; }
+// These four require a channel that was not moved from.
+const address& channel::peer() const noexcept { return core_->peer; }
+io_context& channel::context() const noexcept { return *core_->ctx; }
+int channel::native_handle() const noexcept { return core_ ? core_->fd : -1; }
+const channel_stats& channel::stats() const noexcept { return core_->stats; }
+const channel_options& channel::options() const noexcept { return core_->opts; }
+
+} // namespace ringchat
