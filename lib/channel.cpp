@@ -174,6 +174,7 @@ struct channel_core final : flush_node, owned_node {
     __kernel_timespec linger_deadline{};
     phase state = phase::open;
     bool handle_alive = true;
+    bool adopted = false; // owned by the context (handle gone, work left)
     bool close_wanted = false;
 
     static void flush_thunk(flush_node* self) noexcept { static_cast<channel_core*>(self)->flush(); }
@@ -378,15 +379,32 @@ struct channel_core final : flush_node, owned_node {
         }
     }
 
-    // The connection is over: close it, and free the core if no handle refers to it.
+    // The connection is over: close it, and free the core if nothing refers to it.
     void finish() noexcept {
         close_fd();
         state = phase::closed;
-        if (!handle_alive) {
-            ctx->disown(this);
-            ctx->cancel_flush(this);
-            delete this;
+        maybe_delete();
+    }
+
+    // Frees the core once the handle is gone, the connection is closed and no awaiter
+    // (a read or a writer wait in some other coroutine) still points at it. Until then the
+    // context owns it, so ~io_context can still reclaim it.
+    void maybe_delete() noexcept {
+        if (handle_alive) {
+            return;
         }
+        if (state != phase::closed || reader != nullptr || writer != nullptr) {
+            if (!adopted) {
+                ctx->adopt(this);
+                adopted = true;
+            }
+            return;
+        }
+        if (adopted) {
+            ctx->disown(this);
+        }
+        ctx->cancel_flush(this);
+        delete this;
     }
 
     // Cancels whatever the core has in flight and waits for the kernel to let go of it.
@@ -404,7 +422,8 @@ struct channel_core final : flush_node, owned_node {
         }
     }
 
-    // ~io_context: the context is going away while this orphaned channel still works.
+    // ~io_context: the context is going away while this orphaned channel still works (it
+    // has already disowned the core).
     void destroy_now() noexcept {
         cancel_in_flight();
         ctx->cancel_flush(this);
@@ -415,15 +434,13 @@ struct channel_core final : flush_node, owned_node {
     // The channel handle is gone: finish sending what was pushed, then close.
     void handle_released() noexcept {
         handle_alive = false;
-        if (state == phase::closed) {
-            ctx->cancel_flush(this);
-            delete this;
-            return;
+        if (reader != nullptr) {
+            reader->cancel_now(); // a read awaited elsewhere ends with errc::closed
         }
         const bool output_pending = !queue.empty() || sending;
-        if (write_error == 0 && (close_wanted || output_pending || state != phase::open)) {
+        if (state != phase::closed && write_error == 0 &&
+            (close_wanted || output_pending || state != phase::open)) {
             close_wanted = true;
-            ctx->adopt(this);
             if (state == phase::open) {
                 state = phase::shutdown_wanted;
             }
@@ -432,11 +449,10 @@ struct channel_core final : flush_node, owned_node {
             } else if (state == phase::shutdown_wanted && !output_pending) {
                 start_shutdown();
             }
+            maybe_delete(); // adopts: the context owns the core until it finishes
             return;
         }
-        ctx->cancel_flush(this);
-        close_fd();
-        delete this;
+        finish();
     }
 
     void request_shutdown() {
@@ -478,6 +494,7 @@ read_awaiter::~read_awaiter() {
     if (cancel_ != nullptr) {
         cancel_->detach(this);
     }
+    core_->maybe_delete(); // the channel may have been dropped while this read was pending
 }
 
 void read_awaiter::set_deadline(std::chrono::nanoseconds timeout) noexcept {
@@ -713,7 +730,7 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t) noexcept {
         ++c.stats.receives;
         c.eof = true;
         r->evaluate();
-    } else if (c.aborted) {
+    } else if (c.aborted || !c.handle_alive) {
         r->error_ = fail_closed;
         r->state_ = state::failed;
     } else if (res == -ECANCELED && r->cancelled_) {
@@ -796,9 +813,9 @@ void read_awaiter::throw_failure() const {
     case fail_eof:
         throw std::system_error(make_error_code(errc::eof), what + ": connection closed by peer");
     case fail_incomplete: {
-        std::size_t got = kind_ == kind::skip || kind_ == kind::skip_until ? skipped_
-                          : kind_ == kind::exact_into                      ? from_buffer_
-                                                                           : c.input.size();
+        // read_exact(span) has put what it received back into the buffer by now.
+        std::size_t got =
+            kind_ == kind::skip || kind_ == kind::skip_until ? skipped_ : c.input.size();
         std::size_t expected =
             kind_ == kind::exact || kind_ == kind::exact_into || kind_ == kind::skip ? count_ : 0;
         std::string detail = expected != 0
@@ -829,6 +846,7 @@ writer_awaiter::~writer_awaiter() {
     if (waiting_ && core_->writer == this) {
         core_->writer = nullptr;
     }
+    core_->maybe_delete();
 }
 
 bool writer_awaiter::await_ready() {
@@ -1043,6 +1061,9 @@ void channel::close() noexcept {
     c.notify_writer();
 }
 
+std::size_t channel::input_capacity() const noexcept {
+    return core_ ? core_->input.capacity() : 0;
+}
 std::size_t channel::queued_bytes() const noexcept { return core_ ? core_->queued : 0; }
 // These four require a channel that was not moved from.
 const address& channel::peer() const noexcept { return core_->peer; }

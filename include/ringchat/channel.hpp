@@ -305,6 +305,8 @@ public:
     /// Later reads and writes fail with errc::closed.
     void close() noexcept;
 
+    /// Bytes allocated for the input buffer now (0 until the first read; see keep_buffer).
+    [[nodiscard]] std::size_t input_capacity() const noexcept;
     /// Bytes pushed and not yet sent (producers count only for the chunk being sent).
     [[nodiscard]] std::size_t queued_bytes() const noexcept;
     /// The peer's address, for messages.

@@ -1,0 +1,556 @@
+#include "support/test_support.hpp"
+
+#include <ringchat/channel.hpp>
+#include <ringchat/error.hpp>
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <sys/socket.h>
+
+using namespace ringchat;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Writes all of `bytes` to a blocking socket end (small amounts only: the socketpair
+// buffer takes them at once).
+void write_all(int fd, std::string_view bytes) {
+    while (!bytes.empty()) {
+        ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+        REQUIRE(n > 0);
+        bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+}
+
+struct reader_flag {
+    bool done = false;
+};
+
+// Sends `input` split at `chunks`, waiting after each piece until the channel has received
+// it (or the reader stopped), so every chunk reaches the reader as a receive of its own.
+// Shuts down the write side at the end so the reader sees EOF.
+task<void> feed(io_context& ctx, const channel& ch, int fd, std::string input,
+                std::vector<std::size_t> chunks, const reader_flag& reader, bool close_after) {
+    std::size_t offset = 0;
+    for (std::size_t size : chunks) {
+        write_all(fd, std::string_view(input).substr(offset, size));
+        offset += size;
+        while (ch.stats().bytes_received < offset && !reader.done) {
+            co_await sleep_for(ctx, 0ns);
+        }
+    }
+    if (close_after) {
+        ::shutdown(fd, SHUT_WR);
+    }
+}
+
+channel make_channel(io_context& ctx, int fd, channel_options options = {}) {
+    return channel(stream(ctx, fd, address::unix_path("@ringchat-channel-test")), options);
+}
+
+// Every way to cut a string of length n into non-empty pieces (2^(n-1) of them).
+std::vector<std::vector<std::size_t>> all_chunkings(std::size_t n) {
+    std::vector<std::vector<std::size_t>> out;
+    for (std::size_t mask = 0; mask < (std::size_t{1} << (n - 1)); ++mask) {
+        std::vector<std::size_t> pieces;
+        std::size_t start = 0;
+        for (std::size_t i = 1; i < n; ++i) {
+            if ((mask >> (i - 1)) & 1) {
+                pieces.push_back(i - start);
+                start = i;
+            }
+        }
+        pieces.push_back(n - start);
+        out.push_back(std::move(pieces));
+    }
+    return out;
+}
+
+std::vector<std::size_t> random_chunking(std::size_t n, std::mt19937& rng, std::size_t max_chunk) {
+    std::uniform_int_distribution<std::size_t> dist(1, max_chunk);
+    std::vector<std::size_t> pieces;
+    for (std::size_t left = n; left > 0;) {
+        std::size_t piece = std::min(left, dist(rng));
+        pieces.push_back(piece);
+        left -= piece;
+    }
+    return pieces;
+}
+
+template <typename Task>
+Task mark_done_after(Task inner, reader_flag& flag) {
+    struct mark_done {
+        reader_flag& f;
+        ~mark_done() { f.done = true; }
+    } guard{flag};
+    co_return co_await std::move(inner);
+}
+
+// Runs `reader(ch)` (a function returning a task) while feeding `input` in `chunks`, and
+// returns what the reader returned.
+template <typename Reader>
+auto run_chunked(io_context& ctx, std::string input, std::vector<std::size_t> chunks,
+                 Reader reader, channel_options options = {}, bool close_after = true) {
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    reader_flag flag;
+    spawn(ctx, feed(ctx, ch, sp.b, std::move(input), std::move(chunks), flag, close_after));
+    return test::run_with_deadline(ctx, mark_done_after(reader(ch), flag));
+}
+
+// Collects every read_some() until EOF.
+task<std::string> read_rest(channel& ch) {
+    std::string rest;
+    for (;;) {
+        std::string_view piece = co_await ch.read_some();
+        if (piece.empty()) {
+            co_return rest;
+        }
+        rest += piece;
+    }
+}
+
+task<std::vector<std::string>> protocol_reader(channel& ch) {
+    // Terminator, byte count, terminator again, then unframed: asynchat's three modes.
+    std::vector<std::string> out;
+    out.emplace_back(co_await ch.read_until("\n"));
+    out.emplace_back(co_await ch.read_exact(2));
+    out.emplace_back(co_await ch.read_until("\r\n"));
+    out.push_back(co_await read_rest(ch));
+    co_return out;
+}
+
+task<std::vector<std::string>> frames_until_eof(channel& ch, std::string term) {
+    std::vector<std::string> out;
+    for (;;) {
+        try {
+            out.emplace_back(co_await ch.read_until(term));
+        } catch (const std::system_error& e) {
+            if (e.code() == errc::eof) {
+                co_return out;
+            }
+            throw;
+        }
+    }
+}
+
+} // namespace
+
+TEST_CASE("every chunking of a small input gives the same frames in all three modes") {
+    io_context ctx;
+    const std::string input = "E 2\nhiX\r\nZ";
+    const std::vector<std::string> expected{"E 2", "hi", "X", "Z"};
+    for (const auto& chunks : all_chunkings(input.size())) {
+        CAPTURE(fmt::format("{}", chunks));
+        CHECK(run_chunked(ctx, input, chunks, protocol_reader) == expected);
+    }
+}
+
+TEST_CASE("a multi-byte terminator that overlaps itself is found under every chunking") {
+    io_context ctx;
+    const std::string input = "xaaaabyaab";
+    const std::vector<std::string> expected{"xaa", "y"};
+    for (const auto& chunks : all_chunkings(input.size())) {
+        CAPTURE(fmt::format("{}", chunks));
+        auto reader = [](channel& ch) { return frames_until_eof(ch, "aab"); };
+        CHECK(run_chunked(ctx, input, chunks, reader) == expected);
+    }
+}
+
+TEST_CASE("read_until finds a terminator split across reads") {
+    io_context ctx;
+    auto reader = [](channel& ch) { return frames_until_eof(ch, "\r\n\r\n"); };
+    CHECK(run_chunked(ctx, "head\r\n\r\nbody\r\n\r\n", {5, 1, 1, 1, 3, 2, 1, 1, 1},
+                      reader) == std::vector<std::string>{"head", "body"});
+}
+
+TEST_CASE("many frames arriving in one receive are all returned without another receive") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "one\ntwo\nthree\n");
+    auto reader = [](channel& c) -> task<std::vector<std::string>> {
+        std::vector<std::string> out;
+        for (int i = 0; i < 3; ++i) {
+            out.emplace_back(co_await c.read_until("\n"));
+        }
+        co_return out;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch)) ==
+          std::vector<std::string>{"one", "two", "three"});
+    CHECK(ch.stats().receives == 1);
+}
+
+TEST_CASE("switching from a terminator to a byte count keeps bytes already received") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "ECHO 5\nhello");
+    auto reader = [](channel& c) -> task<std::string> {
+        std::string command(co_await c.read_until("\n"));
+        std::string payload(co_await c.read_exact(5));
+        co_return command + "|" + payload;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch)) == "ECHO 5|hello");
+    CHECK(ch.stats().receives == 1);
+}
+
+TEST_CASE("seeded random chunking of a large input keeps every frame intact") {
+    io_context ctx;
+    const unsigned seed = 20261124;
+    std::mt19937 rng(seed);
+    std::vector<std::string> expected;
+    std::string input;
+    std::uniform_int_distribution<int> len(0, 3000);
+    std::uniform_int_distribution<int> letter('a', 'z');
+    while (input.size() < (1u << 20)) {
+        std::string frame(static_cast<std::size_t>(len(rng)), 'x');
+        for (char& c : frame) {
+            c = static_cast<char>(letter(rng));
+        }
+        expected.push_back(frame);
+        input += frame + "\r\n";
+    }
+    auto chunks = random_chunking(input.size(), rng, 5000);
+    CAPTURE(seed);
+    auto reader = [](channel& ch) { return frames_until_eof(ch, "\r\n"); };
+    CHECK(run_chunked(ctx, input, chunks, reader) == expected);
+}
+
+TEST_CASE("a 1 MiB frame dribbled in small pieces is searched in linear time") {
+    io_context ctx;
+    const std::size_t size = 1u << 20;
+    std::string input(size, 'a');
+    input += "\r\n";
+    std::vector<std::size_t> chunks(input.size() / 64, 64);
+    chunks.push_back(input.size() % 64);
+    if (chunks.back() == 0) {
+        chunks.pop_back();
+    }
+    channel_options options;
+    options.max_frame = 2u << 20;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    reader_flag flag;
+    spawn(ctx, feed(ctx, ch, sp.b, input, chunks, flag, true));
+    auto reader = [](channel& c) -> task<std::size_t> {
+        co_return (co_await c.read_until("\r\n")).size();
+    };
+    CHECK(test::run_with_deadline(ctx, mark_done_after(reader(ch), flag)) == size);
+    // Each byte is examined once, plus term.size() - 1 bytes re-examined per receive.
+    CHECK(ch.stats().bytes_searched <= input.size() + ch.stats().receives * 2);
+    MESSAGE("searched " << ch.stats().bytes_searched << " bytes in " << ch.stats().receives
+                        << " receives for a " << input.size() << "-byte frame");
+}
+
+TEST_CASE("a frame over the limit raises frame_too_large and keeps the bytes, then recovers") {
+    io_context ctx;
+    channel_options options;
+    options.max_frame = 16;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    const std::string junk(40, 'j');
+    write_all(sp.b, junk);
+    auto reader = [](channel& c, int peer) -> task<std::string> {
+        try {
+            co_await c.read_until("\n");
+            FAIL("no exception");
+        } catch (const frame_too_large_error& e) {
+            CHECK(e.limit() == 16);
+            CHECK(e.code() == errc::frame_too_large);
+            CHECK(std::string_view(e.what()).find("16-byte limit") != std::string_view::npos);
+        }
+        CHECK(c.buffered().size() >= 17);
+        CHECK(c.buffered().substr(0, 17) == std::string(17, 'j'));
+        write_all(peer, "more junk\nnext\n");
+        std::size_t skipped = co_await c.skip_until("\n");
+        CHECK(skipped == 40 + 10);
+        co_return std::string(co_await c.read_until("\n"));
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch, sp.b)) == "next");
+}
+
+TEST_CASE("discard drops buffered bytes after an oversized frame") {
+    io_context ctx;
+    channel_options options;
+    options.max_frame = 4;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    write_all(sp.b, "toolong\nok\n");
+    auto reader = [](channel& c) -> task<std::string> {
+        CHECK_THROWS_AS(co_await c.read_until("\n"), frame_too_large_error);
+        c.discard(8);
+        CHECK_THROWS_AS(c.discard(100), std::out_of_range);
+        co_return std::string(co_await c.read_until("\n"));
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch)) == "ok");
+}
+
+TEST_CASE("EOF inside a frame is incomplete_read; EOF between frames is eof") {
+    io_context ctx;
+    SUBCASE("terminator mode") {
+        auto reader = [](channel& ch) -> task<int> {
+            CHECK(co_await ch.read_until("\n") == "abc");
+            try {
+                co_await ch.read_until("\n");
+            } catch (const incomplete_read_error& e) {
+                CHECK(e.received() == 2);
+                CHECK(e.expected() == 0);
+                CHECK(e.code() == errc::incomplete_read);
+                CHECK(ch.buffered() == "de");
+                co_return 1;
+            }
+            co_return 0;
+        };
+        CHECK(run_chunked(ctx, "abc\nde", {6}, reader) == 1);
+    }
+    SUBCASE("byte-count mode") {
+        auto reader = [](channel& ch) -> task<int> {
+            try {
+                co_await ch.read_exact(10);
+            } catch (const incomplete_read_error& e) {
+                CHECK(e.received() == 4);
+                CHECK(e.expected() == 10);
+                co_return 1;
+            }
+            co_return 0;
+        };
+        CHECK(run_chunked(ctx, "abcd", {2, 2}, reader) == 1);
+    }
+    SUBCASE("into a caller's buffer, bytes are put back") {
+        auto reader = [](channel& ch) -> task<std::string> {
+            std::vector<char> dest(10);
+            try {
+                co_await ch.read_exact(std::span<char>(dest));
+            } catch (const incomplete_read_error& e) {
+                CHECK(e.received() == 6);
+                CHECK(e.expected() == 10);
+            }
+            co_return std::string(ch.buffered());
+        };
+        CHECK(run_chunked(ctx, "abcdef", {2, 3, 1}, reader) == "abcdef");
+    }
+    SUBCASE("between frames") {
+        auto reader = [](channel& ch) -> task<int> {
+            CHECK(co_await ch.read_until("\n") == "abc");
+            try {
+                co_await ch.read_exact(3);
+            } catch (const incomplete_read_error&) {
+                co_return 2;
+            } catch (const std::system_error& e) {
+                CHECK(e.code() == errc::eof);
+                co_return 1;
+            }
+            co_return 0;
+        };
+        CHECK(run_chunked(ctx, "abc\n", {4}, reader) == 1);
+    }
+    SUBCASE("read_some returns an empty view at EOF and read_to_eof everything") {
+        auto reader = [](channel& ch) -> task<std::string> {
+            co_return std::string(co_await ch.read_to_eof());
+        };
+        CHECK(run_chunked(ctx, "all of it", {3, 3, 3}, reader) == "all of it");
+    }
+}
+
+TEST_CASE("read_exact of zero bytes returns at once") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    auto reader = [](channel& c) -> task<std::size_t> { co_return (co_await c.read_exact(0)).size(); };
+    CHECK(test::run_with_deadline(ctx, reader(ch)) == 0);
+    CHECK(ch.stats().receives == 0);
+}
+
+TEST_CASE("read_exact above max_buffer is refused before reading") {
+    io_context ctx;
+    channel_options options;
+    options.max_buffer = 1000;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    auto reader = [](channel& c) -> task<std::size_t> {
+        try {
+            co_await c.read_exact(1001);
+        } catch (const frame_too_large_error& e) {
+            co_return e.limit();
+        }
+        co_return 0;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch)) == 1000);
+}
+
+TEST_CASE("skip discards bytes whether buffered or not") {
+    io_context ctx;
+    auto reader = [](channel& ch) -> task<std::string> {
+        CHECK(co_await ch.skip(5) == 5);
+        co_return std::string(co_await ch.read_until("\n"));
+    };
+    CHECK(run_chunked(ctx, "12345tail\n", {2, 2, 2, 4}, reader) == "tail");
+}
+
+TEST_CASE("an owned read returns a string that outlives later reads") {
+    io_context ctx;
+    auto reader = [](channel& ch) -> task<std::string> {
+        std::string first = co_await ch.read_until("\n").owned();
+        co_await ch.read_until("\n");
+        co_return first;
+    };
+    CHECK(run_chunked(ctx, "first\nsecond\n", {14}, reader) == "first");
+}
+
+TEST_CASE("a read cancelled at any point consumes nothing and can be retried") {
+    const std::string input = "0123456789abcdef\r\n";
+    const std::size_t pieces = 6;
+    std::vector<std::size_t> chunks{3, 3, 3, 3, 3, 4};
+    for (std::size_t cancel_after = 0; cancel_after <= pieces; ++cancel_after) {
+        CAPTURE(cancel_after);
+        io_context ctx;
+        test::socket_pair sp;
+        channel ch = make_channel(ctx, sp.release_a());
+        cancel_source source;
+        reader_flag flag;
+        auto feeder = [](io_context& c, channel& chan, int fd, std::string in,
+                         std::vector<std::size_t> sizes, std::size_t when,
+                         cancel_source& src) -> task<void> {
+            std::size_t offset = 0;
+            for (std::size_t i = 0; i < sizes.size(); ++i) {
+                if (i == when) {
+                    src.request_cancel();
+                }
+                write_all(fd, std::string_view(in).substr(offset, sizes[i]));
+                offset += sizes[i];
+                while (chan.stats().bytes_received < offset) {
+                    co_await sleep_for(c, 0ns);
+                }
+            }
+            if (when == sizes.size()) {
+                src.request_cancel();
+            }
+        };
+        auto reader = [](channel& chan, cancel_source& src) -> task<std::string> {
+            try {
+                co_return std::string(co_await chan.read_until("\r\n").cancel_on(src));
+            } catch (const std::system_error& e) {
+                CHECK(e.code() == errc::cancelled);
+            }
+            co_return std::string(co_await chan.read_until("\r\n"));
+        };
+        spawn(ctx, feeder(ctx, ch, sp.b, input, chunks, cancel_after, source));
+        CHECK(test::run_with_deadline(ctx, mark_done_after(reader(ch, source), flag)) ==
+              "0123456789abcdef");
+    }
+}
+
+TEST_CASE("read_exact into a span cancelled midway puts its bytes back") {
+    for (std::size_t cancel_after = 1; cancel_after < 4; ++cancel_after) {
+        CAPTURE(cancel_after);
+        io_context ctx;
+        test::socket_pair sp;
+        channel ch = make_channel(ctx, sp.release_a());
+        cancel_source source;
+        auto feeder = [](io_context& c, channel& chan, int fd, std::size_t when,
+                         cancel_source& src) -> task<void> {
+            const std::string in = "AAAABBBBCCCCDDDD";
+            for (std::size_t i = 0; i < 4; ++i) {
+                if (i == when) {
+                    src.request_cancel();
+                }
+                write_all(fd, std::string_view(in).substr(i * 4, 4));
+                while (chan.stats().bytes_received < (i + 1) * 4) {
+                    co_await sleep_for(c, 0ns);
+                }
+            }
+        };
+        auto reader = [](channel& chan, cancel_source& src) -> task<std::string> {
+            // Two bytes buffered before the read starts exercise the copied part too.
+            CHECK(co_await chan.read_exact(2) == "AA");
+            std::vector<char> dest(14);
+            try {
+                co_await chan.read_exact(std::span<char>(dest)).cancel_on(src);
+                co_return std::string(dest.begin(), dest.end());
+            } catch (const std::system_error& e) {
+                CHECK(e.code() == errc::cancelled);
+            }
+            std::fill(dest.begin(), dest.end(), '?');
+            co_await chan.read_exact(std::span<char>(dest));
+            co_return std::string(dest.begin(), dest.end());
+        };
+        spawn(ctx, feeder(ctx, ch, sp.b, cancel_after, source));
+        CHECK(test::run_with_deadline(ctx, reader(ch, source)) == "AABBBBCCCCDDDD");
+    }
+}
+
+TEST_CASE("a read that times out consumes nothing and the retry gets the whole frame") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "partial");
+    auto reader = [](channel& c, int peer) -> task<std::string> {
+        try {
+            co_await c.read_until("\n").with_timeout(20ms);
+            FAIL("no timeout");
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::timed_out);
+        }
+        CHECK(c.buffered() == "partial");
+        write_all(peer, " frame\n");
+        co_return std::string(co_await c.read_until("\n").with_timeout(10s));
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch, sp.b)) == "partial frame");
+}
+
+TEST_CASE("a second concurrent read on one channel is refused") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    auto first = [](channel& c) -> task<void> { co_await c.read_until("\n"); };
+    auto second = [](channel& c, int peer) -> task<bool> {
+        bool refused = false;
+        try {
+            co_await c.read_some();
+        } catch (const std::logic_error&) {
+            refused = true;
+        }
+        write_all(peer, "done\n");
+        co_return refused;
+    };
+    spawn(ctx, first(ch));
+    CHECK(test::run_with_deadline(ctx, second(ch, sp.b)));
+}
+
+TEST_CASE("an empty terminator is rejected") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    CHECK_THROWS_AS((void)ch.read_until(""), std::invalid_argument);
+    CHECK_THROWS_AS((void)ch.skip_until(""), std::invalid_argument);
+}
+
+TEST_CASE("an idle channel releases a large input buffer") {
+    io_context ctx;
+    channel_options options;
+    options.keep_buffer = 4096;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    const std::string big(100000, 'b');
+    auto reader = [](channel& c, int peer, std::string payload) -> task<std::size_t> {
+        std::size_t got = (co_await c.read_exact(payload.size())).size();
+        // The next read waits with an empty buffer: the 100 KB allocation is dropped.
+        CHECK(c.input_capacity() >= payload.size());
+        write_all(peer, "x");
+        co_await c.read_exact(1);
+        CHECK(c.input_capacity() <= 4096);
+        co_return got;
+    };
+    spawn(ctx, [](int fd, std::string payload) -> task<void> {
+        write_all(fd, payload);
+        co_return;
+    }(sp.b, big));
+    CHECK(test::run_with_deadline(ctx, reader(ch, sp.b, big)) == big.size());
+}
