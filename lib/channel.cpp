@@ -165,6 +165,7 @@ struct channel_core final : flush_node, owned_node {
     bool sending = false;
     int write_error = 0; // -errno of a failed send (or -EIO for a producer failure)
     std::exception_ptr producer_error;
+    std::exception_ptr producer_failure; // more() threw; fails the writer when reached
     iovec iov[max_iovecs]{};
     msghdr message{};
     member_op send_op;
@@ -228,17 +229,27 @@ struct channel_core final : flush_node, owned_node {
             out_entry& e = queue[entries];
             if (e.is_producer()) {
                 if (e.chunk_sent == e.chunk.size()) {
-                    try {
-                        e.chunk = e.producer->next();
-                    } catch (...) {
-                        fail_writer(-EIO, std::current_exception());
-                        return;
+                    if (!producer_failure) {
+                        try {
+                            e.chunk = e.producer->next();
+                        } catch (...) {
+                            producer_failure = std::current_exception();
+                        }
+                    }
+                    if (producer_failure) {
+                        // The producer fails the writer once the bytes before it are sent.
+                        if (iovcnt == 0) {
+                            fail_writer(-EIO, std::exchange(producer_failure, nullptr));
+                            return;
+                        }
+                        break;
                     }
                     e.chunk_sent = 0;
                     if (e.chunk.empty()) {
                         e.reset(); // exhausted: now an empty bytes entry, popped when reached
                         continue;
                     }
+                    queued += e.chunk.size();
                 }
                 iov[iovcnt++] = {const_cast<char*>(e.chunk.data()) + e.chunk_sent,
                                  e.chunk.size() - e.chunk_sent};
@@ -250,10 +261,12 @@ struct channel_core final : flush_node, owned_node {
             }
         }
         if (iovcnt == 0) {
+            // Only exhausted producers were left: the queue may have run dry without a send.
             pop_finished_front();
             if (queue.empty() && state == phase::shutdown_wanted) {
                 start_shutdown();
             }
+            notify_writer(); // last: the resumed coroutine may destroy the channel
             return;
         }
         io_uring_sqe* sqe = ctx->get_sqe();
@@ -294,6 +307,7 @@ struct channel_core final : flush_node, owned_node {
             if (e.is_producer()) {
                 std::size_t take = std::min(remaining, e.chunk.size() - e.chunk_sent);
                 e.chunk_sent += take;
+                queued -= take;
                 remaining -= take;
                 break;
             }
@@ -602,7 +616,7 @@ void read_awaiter::evaluate() noexcept {
         break;
     case kind::some:
         if (!data.empty() || c.eof) {
-            frame_size_ = consume_size_ = data.size();
+            frame_size_ = consume_size_ = std::min(data.size(), count_);
             state_ = state::done;
             return;
         }
@@ -930,8 +944,11 @@ detail::read_view_awaiter channel::read_exact(std::span<char> dest) {
     return {&core(), detail::read_awaiter::kind::exact_into, {}, dest.size(), dest.data()};
 }
 
-detail::read_view_awaiter channel::read_some() {
-    return {&core(), detail::read_awaiter::kind::some, {}, 0, nullptr};
+detail::read_view_awaiter channel::read_some(std::size_t max_bytes) {
+    if (max_bytes == 0) {
+        throw std::invalid_argument("channel::read_some: max_bytes must be at least 1");
+    }
+    return {&core(), detail::read_awaiter::kind::some, {}, max_bytes, nullptr};
 }
 
 detail::read_view_awaiter channel::read_to_eof() {
@@ -965,9 +982,15 @@ void channel::discard(std::size_t n) {
 namespace {
 
 void check_can_push(const detail::channel_core& c) {
-    if (c.state != detail::channel_core::phase::open || c.aborted) {
-        throw std::logic_error("ringchat::channel: push after shutdown_send(), close_when_done() "
-                               "or close()");
+    if (c.aborted) {
+        // After close() writes fail like reads do, not as a programming error: close() is
+        // often called from another coroutine (a timeout) while a handler still pushes.
+        throw std::system_error(make_error_code(errc::closed),
+                                fmt::format("push to {}", c.peer.to_string()));
+    }
+    if (c.state != detail::channel_core::phase::open) {
+        throw std::logic_error(
+            "ringchat::channel: push after shutdown_send() or close_when_done()");
     }
 }
 

@@ -111,6 +111,13 @@ bool recv_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
     return start(h, [this](io_uring_sqe* sqe) { io_uring_prep_recv(sqe, fd_, data_, size_, 0); });
 }
 
+bool read_fd_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
+    // Offset -1: read from the current file position, as read(2) does.
+    return start(h, [this](io_uring_sqe* sqe) {
+        io_uring_prep_read(sqe, fd_, data_, static_cast<unsigned>(size_), -1);
+    });
+}
+
 bool send_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
     return start(h, [this](io_uring_sqe* sqe) {
         io_uring_prep_send(sqe, fd_, data_, size_, MSG_NOSIGNAL);

@@ -240,9 +240,10 @@ public:
     /// `dest` must outlive the co_await and must not be touched until it returns.
     [[nodiscard]] detail::read_view_awaiter read_exact(std::span<char> dest);
 
-    /// Yields whatever is buffered, or waits for the next receive; an empty view means the
-    /// peer closed (no exception). View valid until the next read starts.
-    [[nodiscard]] detail::read_view_awaiter read_some();
+    /// Yields whatever is buffered (at most `max_bytes`; the rest stays buffered), or waits
+    /// for the next receive; an empty view means the peer closed (no exception). View valid
+    /// until the next read starts. Throws std::invalid_argument if `max_bytes` is 0.
+    [[nodiscard]] detail::read_view_awaiter read_some(std::size_t max_bytes = SIZE_MAX);
 
     /// Waits until the peer closes and yields everything received (at most max_buffer
     /// bytes, else frame_too_large_error). View valid until the next read starts.

@@ -206,6 +206,20 @@ private:
     std::size_t size_;
 };
 
+class [[nodiscard]] read_fd_awaiter : public op_options<read_fd_awaiter> {
+public:
+    read_fd_awaiter(io_context& ctx, int fd, void* data, std::size_t size) noexcept
+        : op_options(ctx, "read", nullptr), fd_(fd), data_(data), size_(size) {}
+    bool await_suspend(std::coroutine_handle<> h) noexcept;
+    /// Bytes read; 0 at end of file.
+    std::size_t await_resume() const { return static_cast<std::size_t>(checked_result()); }
+
+private:
+    int fd_;
+    void* data_;
+    std::size_t size_;
+};
+
 class [[nodiscard]] send_awaiter : public op_options<send_awaiter> {
 public:
     send_awaiter(io_context& ctx, int fd, const void* data, std::size_t size,
@@ -303,6 +317,10 @@ inline detail::connect_awaiter connect(io_context& ctx, int fd, const address& t
 inline detail::recv_awaiter recv(io_context& ctx, int fd, void* data, std::size_t size,
                                  const address* peer = nullptr) noexcept {
     return {ctx, fd, data, size, peer};
+}
+/// read(2) of up to `size` bytes from any descriptor (a pipe, an eventfd, a signalfd).
+inline detail::read_fd_awaiter read(io_context& ctx, int fd, void* data, std::size_t size) noexcept {
+    return {ctx, fd, data, size};
 }
 /// Sends up to `size` bytes (MSG_NOSIGNAL: a reset peer is an error, never SIGPIPE).
 inline detail::send_awaiter send(io_context& ctx, int fd, const void* data, std::size_t size,
