@@ -331,8 +331,14 @@ struct channel_core final : flush_node, owned_node {
         queue.clear();
         queued = 0;
         if (!handle_alive) {
-            finish();
-            return;
+            close_fd();
+            state = phase::closed;
+            if (writer == nullptr) {
+                maybe_delete();
+                return;
+            }
+            // A coroutine elsewhere still waits on this writer: wake it; the core goes
+            // when its awaiter does.
         }
         notify_writer();
     }
@@ -358,7 +364,6 @@ struct channel_core final : flush_node, owned_node {
         }
         if (!handle_alive) {
             start_linger();
-            return;
         }
         notify_writer();
     }

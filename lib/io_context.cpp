@@ -186,11 +186,9 @@ io_uring_sqe* io_context::get_sqe(unsigned count) noexcept {
             }
         }
     }
-    io_uring_sqe* first = io_uring_get_sqe(&ring_);
-    for (unsigned i = 1; i < count; ++i) {
-        io_uring_get_sqe(&ring_);
-    }
-    return first;
+    // Only the first is taken: the caller takes the others with io_uring_get_sqe, which then
+    // cannot fail. Taking them here too would leave unfilled SQEs between a linked pair.
+    return io_uring_get_sqe(&ring_);
 }
 
 void io_context::request_cancel(detail::completion* target) noexcept {
@@ -371,6 +369,11 @@ void io_context::run() {
             continue;
         }
         run_flushes();
+        // A flush may resume a coroutine (a writer that was waiting), which may schedule
+        // more: run that before blocking in the kernel.
+        if (completions_pos_ < completions_.size() || !ready_handles_.empty()) {
+            continue;
+        }
         if (!has_work()) {
             break;
         }

@@ -276,6 +276,9 @@ public:
     /// Queues `bytes`, taking ownership without copying.
     void push(std::string&& bytes);
 
+    /// Queues a copy of the NUL-terminated `bytes` (so that push("literal") is unambiguous).
+    void push(const char* bytes) { push(std::string_view(bytes)); }
+
     /// Queues a producer (asynchat's push_with_producer): the writer calls its more() when
     /// it reaches it and sends each chunk before the next, and before anything pushed
     /// later. An exception from more() fails the writer like a send error.
