@@ -16,41 +16,40 @@ namespace {
     throw std::invalid_argument(fmt::format("bad address \"{}\": {}", text, why));
 }
 
-} // namespace
+// The builders take the caller's whole input as `text` so that an error names what the user
+// wrote ("unix:", "example.com:80"), not just the part that was wrong.
 
-address address::unix_path(std::string_view path) {
-    address a;
-    auto& un = a.storage_.sa.un;
+address unix_address(std::string_view path, std::string_view text) {
+    address::storage s{};
+    auto& un = s.sa.un;
     if (path.empty()) {
-        bad_address(path, "empty Unix socket path");
+        bad_address(text, "empty Unix socket path");
     }
     if (path.size() >= sizeof un.sun_path) {
-        bad_address(path, "Unix socket path longer than 107 bytes");
+        bad_address(text, "Unix socket path longer than 107 bytes");
     }
     un.sun_family = AF_UNIX;
     std::memcpy(un.sun_path, path.data(), path.size());
     if (path.front() == '@') {
         un.sun_path[0] = '\0'; // Linux abstract namespace: no file, length decides the name
-        a.storage_.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
+        s.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
     } else {
         un.sun_path[path.size()] = '\0';
-        a.storage_.length =
-            static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+        s.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
     }
-    return a;
+    return address{s};
 }
 
-address address::from_host_port(std::string_view host, std::uint16_t port) {
-    address a;
+address ip_address(std::string_view host, std::uint16_t port, std::string_view text) {
     if (host == "localhost") {
         host = "127.0.0.1";
     }
     if (host.size() >= INET6_ADDRSTRLEN) {
-        bad_address(host, "not a literal IPv4 or IPv6 address");
+        bad_address(text, "not a literal IPv4 or IPv6 address");
     }
     char buf[INET6_ADDRSTRLEN] = {};
     std::memcpy(buf, host.data(), host.size());
-    auto& s = a.storage_;
+    address::storage s{};
     if (inet_pton(AF_INET, buf, &s.sa.in4.sin_addr) == 1) {
         s.sa.in4.sin_family = AF_INET;
         s.sa.in4.sin_port = htons(port);
@@ -60,14 +59,24 @@ address address::from_host_port(std::string_view host, std::uint16_t port) {
         s.sa.in6.sin6_port = htons(port);
         s.length = sizeof(sockaddr_in6);
     } else {
-        bad_address(host, "not a literal IPv4 or IPv6 address (no DNS lookups are made)");
+        bad_address(text, "not a literal IPv4 or IPv6 address (no DNS lookups are made)");
     }
-    return a;
+    return address{s};
+}
+
+} // namespace
+
+address address::unix_path(std::string_view path) {
+    return unix_address(path, path);
+}
+
+address address::from_host_port(std::string_view host, std::uint16_t port) {
+    return ip_address(host, port, host);
 }
 
 address address::parse(std::string_view text) {
     if (text.starts_with("unix:")) {
-        return unix_path(text.substr(5));
+        return unix_address(text.substr(5), text);
     }
     std::string_view host;
     std::string_view port_text;
@@ -95,7 +104,7 @@ address address::parse(std::string_view text) {
         port_text.empty()) {
         bad_address(text, "port must be a number from 0 to 65535");
     }
-    return from_host_port(host, static_cast<std::uint16_t>(port));
+    return ip_address(host, static_cast<std::uint16_t>(port), text);
 }
 
 address address::from_native(const sockaddr* sa, socklen_t length) {

@@ -139,8 +139,8 @@ bool shutdown_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
 }
 
 sleep_awaiter::sleep_awaiter(io_context& ctx, std::chrono::nanoseconds duration) noexcept
-    : op_options(ctx, "sleep", nullptr), duration_(duration < duration.zero() ? duration.zero()
-                                                                                : duration) {}
+    : op_options(ctx, "sleep", nullptr),
+      duration_(duration < duration.zero() ? duration.zero() : duration) {}
 
 bool sleep_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
     // A relative timeout would start when the kernel consumes the SQE, which can be a whole

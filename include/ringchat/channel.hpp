@@ -270,7 +270,8 @@ public:
     // shutdown_send() and close_when_done(); later pushes are dropped.
 
     /// Queues a copy of `bytes` and returns at once (asynchat's push). Throws
-    /// std::logic_error after shutdown_send() or close_when_done().
+    /// std::logic_error after shutdown_send() or close_when_done(), and
+    /// std::system_error(errc::closed) after close(); all push overloads do.
     void push(std::string_view bytes);
 
     /// Queues `bytes`, taking ownership without copying.

@@ -128,8 +128,9 @@ public:
 
     // ---- for awaiters (ops.hpp) and library internals; io thread only ----
 
-    /// Returns `count` consecutive free SQEs (the first is returned), submitting what is
-    /// queued when the submission ring is full. Never fails. The caller must fill them all.
+    /// Makes room for `count` SQEs (submitting what is queued when the submission ring is
+    /// full) and returns the first. Never fails. The caller takes the other count - 1 at once
+    /// with io_uring_get_sqe(native()), which then cannot fail, and fills them all.
     io_uring_sqe* get_sqe(unsigned count = 1) noexcept;
 
     /// Counts one operation whose completion will reach a detail::completion.

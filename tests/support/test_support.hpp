@@ -10,6 +10,12 @@
 #include <ringchat/task.hpp>
 
 #include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <utility>
 
 #include <sys/socket.h>
@@ -57,19 +63,24 @@ template <typename T>
 T run_with_deadline(io_context& ctx, task<T> t,
                     std::chrono::nanoseconds limit = std::chrono::seconds(20)) {
     struct watchdog {
-        static task<void> run(io_context& ctx, std::chrono::nanoseconds limit, cancel_source& src) {
+        // Shares ownership of `src`: its sleep may still be pending (cancelled, completion not
+        // yet handled) after run_with_deadline returns, and a source must outlive the co_await.
+        static task<void> run(io_context& ctx, std::chrono::nanoseconds limit,
+                              std::shared_ptr<cancel_source> src) {
             try {
-                co_await sleep_for(ctx, limit).cancel_on(src);
+                co_await sleep_for(ctx, limit).cancel_on(*src);
             } catch (const std::system_error&) {
                 co_return; // cancelled: the test finished in time
             }
-            FAIL("test deadline passed");
+            // Stop first: FAIL would throw out of this coroutine and skip the stop, and the
+            // test would then wait forever instead of failing.
             ctx.stop();
+            FAIL_CHECK("test deadline passed");
         }
     };
-    cancel_source src;
+    auto src = std::make_shared<cancel_source>();
     spawn(ctx, watchdog::run(ctx, limit, src));
-    return sync_wait(ctx, with_cancel_on_exit(std::move(t), src));
+    return sync_wait(ctx, with_cancel_on_exit(std::move(t), *src));
 }
 
 /// Awaits `inner`, then cancels `src` however `inner` ended.
@@ -88,6 +99,90 @@ inline task<void> with_cancel_on_exit(task<void> inner, cancel_source& src) {
         ~cancel_on_exit() { s.request_cancel(); }
     } guard{src};
     co_await std::move(inner);
+}
+
+/// A deadline for a bare ctx.run() (or anything else that blocks the io thread): a thread
+/// waits up to `limit` and, unless dismissed by the destructor first, stops `ctx` and records
+/// that it fired, so the test fails instead of hanging.
+class run_deadline {
+public:
+    explicit run_deadline(io_context& ctx,
+                          std::chrono::nanoseconds limit = std::chrono::seconds(20))
+        : thread_([this, &ctx, limit] {
+              std::unique_lock lock(mutex_);
+              if (!cv_.wait_for(lock, limit, [this] { return dismissed_; })) {
+                  fired_ = true;
+                  ctx.stop();
+              }
+          }) {}
+    run_deadline(const run_deadline&) = delete;
+    run_deadline& operator=(const run_deadline&) = delete;
+    ~run_deadline() {
+        {
+            std::lock_guard lock(mutex_);
+            dismissed_ = true;
+        }
+        cv_.notify_one();
+        thread_.join();
+        CHECK_MESSAGE(!fired_, "test deadline passed: ctx.run() was stopped by the watchdog");
+    }
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool dismissed_ = false;
+    bool fired_ = false;
+    std::thread thread_; // last: starts after the members it uses
+};
+
+/// Redirects the process's stderr (where ringchat logs) into a temporary file while alive;
+/// text() returns what was written so far.
+class stderr_capture {
+public:
+    stderr_capture() {
+        std::fflush(stderr);
+        file_ = std::tmpfile();
+        REQUIRE(file_ != nullptr);
+        saved_ = ::dup(STDERR_FILENO);
+        REQUIRE(saved_ >= 0);
+        REQUIRE(::dup2(::fileno(file_), STDERR_FILENO) >= 0);
+    }
+    stderr_capture(const stderr_capture&) = delete;
+    stderr_capture& operator=(const stderr_capture&) = delete;
+    ~stderr_capture() {
+        std::fflush(stderr);
+        ::dup2(saved_, STDERR_FILENO);
+        ::close(saved_);
+        std::fclose(file_);
+    }
+    [[nodiscard]] std::string text() const {
+        std::fflush(stderr);
+        std::string out;
+        char buf[4096];
+        for (off_t offset = 0;;) {
+            ssize_t n = ::pread(::fileno(file_), buf, sizeof buf, offset);
+            if (n <= 0) {
+                break;
+            }
+            out.append(buf, static_cast<std::size_t>(n));
+            offset += n;
+        }
+        return out;
+    }
+
+private:
+    std::FILE* file_ = nullptr;
+    int saved_ = -1;
+};
+
+/// Starts `t` now, as spawn() would, but leaves it owned by the returned task: destroying
+/// that task destroys the coroutine wherever it is suspended (the case a test of
+/// cancellation on destruction needs). Do not await the returned task.
+template <typename T>
+task<T> start(task<T> t) {
+    auto handle = t.release();
+    handle.promise().start_inline(handle, std::noop_coroutine());
+    return task<T>{handle};
 }
 
 } // namespace ringchat::test
