@@ -164,7 +164,7 @@ task<void> serve_connection(channel ch, server_config config) {
         log(log_level::warn, "{}: command line longer than {} bytes", peer, e.limit());
         reply_error(ch, fmt::format("command line longer than {} bytes", e.limit()));
     } catch (const incomplete_read_error& e) {
-        log(log_level::info, "{}: client disconnected mid-payload ({} of {} bytes)", peer,
+        log(log_level::warn, "{}: client disconnected mid-payload ({} of {} bytes)", peer,
             e.received(), e.expected());
     } catch (const std::system_error& e) {
         if (e.code() == errc::timed_out) {

@@ -171,7 +171,8 @@ options parse(int argc, char** argv) {
 task<void> watch_signals(io_context& ctx, int fd, std::vector<server_loop*> loops) {
     signalfd_siginfo info{};
     co_await ops::read(ctx, fd, &info, sizeof info);
-    log(log_level::warn, "echo_server: {} received, stopping", strsignal(static_cast<int>(info.ssi_signo)));
+    log(log_level::warn, "echo_server: {} received, stopping",
+        strsignal(static_cast<int>(info.ssi_signo)));
     for (std::size_t i = 1; i < loops.size(); ++i) {
         server_loop* loop = loops[i];
         loop->context().post([loop] { loop->begin_drain(); });
@@ -208,6 +209,8 @@ int main(int argc, char** argv) {
         loops.resize(opts.threads);
         std::atomic<unsigned> ready{0};
         std::atomic<bool> failed{false};
+        // Set by the main thread once every loop is built: 1 to run them, -1 as one failed.
+        std::atomic<int> go{0};
         for (unsigned i = 1; i < opts.threads; ++i) {
             threads.emplace_back([&, i] {
                 try {
@@ -219,20 +222,22 @@ int main(int argc, char** argv) {
                 }
                 ready.fetch_add(1);
                 ready.notify_all();
-                if (!failed && loops[i] != nullptr) {
+                go.wait(0);
+                if (go.load() > 0) {
                     loops[i]->run();
                 }
+                // An io_context is destroyed on the thread that created it: its destructor
+                // cancels and waits for the loop's operations, which only that thread may
+                // submit (IORING_SETUP_SINGLE_ISSUER; another thread gets EEXIST).
+                others[i - 1].reset();
             });
         }
         for (unsigned seen = ready.load(); seen < opts.threads - 1; seen = ready.load()) {
             ready.wait(seen);
         }
+        go = failed ? -1 : 1;
+        go.notify_all();
         if (failed) {
-            for (unsigned i = 1; i < opts.threads; ++i) {
-                if (loops[i] != nullptr) {
-                    loops[i]->context().post([loop = loops[i]] { loop->begin_drain(); });
-                }
-            }
             for (auto& t : threads) {
                 t.join();
             }
