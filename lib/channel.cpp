@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <ctime>
 #include <stdexcept>
 #include <vector>
 
@@ -40,22 +39,21 @@ constexpr std::size_t max_iovecs = 16;
 // inline by libstdc++ and would move with the string object.
 constexpr std::size_t min_entry_capacity = 32;
 
-__kernel_timespec deadline_after(std::chrono::nanoseconds timeout) noexcept {
-    timespec now{};
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    auto total = std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec) +
-                 std::max(timeout, std::chrono::nanoseconds(0));
-    auto secs = std::chrono::duration_cast<std::chrono::seconds>(total);
-    __kernel_timespec ts{};
-    ts.tv_sec = secs.count();
-    ts.tv_nsec = (total - secs).count();
-    return ts;
-}
+using deadline_clock = std::chrono::steady_clock; // CLOCK_MONOTONIC
 
-void link_deadline(io_context& ctx, io_uring_sqe* sqe, __kernel_timespec* deadline) {
+// Links a timeout to `sqe` that fires at `deadline`. The kernel gets the time left as a
+// relative timeout, written to `scratch` (read by the kernel at submission): io_uring does
+// not apply a time namespace's CLOCK_MONOTONIC offset to absolute timeouts, while
+// steady_clock here does, so only relative timeouts are right inside such containers.
+void link_deadline(io_context& ctx, io_uring_sqe* sqe, deadline_clock::time_point deadline,
+                   __kernel_timespec* scratch) noexcept {
+    auto left = std::max(deadline - deadline_clock::now(), deadline_clock::duration::zero());
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    scratch->tv_sec = ns / 1'000'000'000;
+    scratch->tv_nsec = ns % 1'000'000'000;
     sqe->flags |= IOSQE_IO_LINK;
     io_uring_sqe* timeout = io_uring_get_sqe(ctx.native());
-    io_uring_prep_link_timeout(timeout, deadline, IORING_TIMEOUT_ABS);
+    io_uring_prep_link_timeout(timeout, scratch, 0);
     io_uring_sqe_set_data64(timeout, 0);
 }
 
@@ -172,7 +170,8 @@ struct channel_core final : flush_node, owned_node {
     member_op shutdown_op;
     member_op linger_op;
     writer_awaiter* writer = nullptr;
-    __kernel_timespec linger_deadline{};
+    std::chrono::steady_clock::time_point linger_deadline;
+    __kernel_timespec linger_timeout{};
     phase state = phase::open;
     bool handle_alive = true;
     bool adopted = false; // owned by the context (handle gone, work left)
@@ -371,12 +370,12 @@ struct channel_core final : flush_node, owned_node {
     void start_linger() noexcept {
         if (state != phase::lingering) {
             state = phase::lingering;
-            linger_deadline = deadline_after(opts.linger);
+            linger_deadline = deadline_clock::now() + opts.linger;
         }
         io_uring_sqe* sqe = ctx->get_sqe(2);
         io_uring_prep_recv(sqe, fd, discard_area, sizeof discard_area, 0);
         io_uring_sqe_set_data(sqe, static_cast<completion*>(&linger_op));
-        link_deadline(*ctx, sqe, &linger_deadline);
+        link_deadline(*ctx, sqe, linger_deadline, &linger_timeout);
         ctx->operation_started();
     }
 
@@ -666,7 +665,7 @@ bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
     waiter_ = waiter;
     core_->reader = this;
     if (has_deadline_) {
-        deadline_ = deadline_after(timeout_);
+        deadline_ = std::chrono::steady_clock::now() + timeout_;
     }
     if (!start_receive()) {
         core_->reader = nullptr;
@@ -713,7 +712,7 @@ bool read_awaiter::start_receive() noexcept {
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
     io_uring_sqe_set_data(sqe, static_cast<completion*>(this));
     if (has_deadline_) {
-        link_deadline(*c.ctx, sqe, &deadline_);
+        link_deadline(*c.ctx, sqe, deadline_, &timeout_left_);
     }
     in_flight_ = true;
     c.ctx->operation_started();

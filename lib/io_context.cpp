@@ -199,42 +199,34 @@ void io_context::request_cancel(detail::completion* target) noexcept {
 
 void io_context::cancel_and_wait(detail::completion* target) noexcept {
     const auto key = reinterpret_cast<std::uint64_t>(target);
-    // Its completion may already have been reaped and be waiting for dispatch.
-    for (std::size_t i = completions_pos_; i < completions_.size(); ++i) {
-        if (completions_[i].user_data == key && (completions_[i].flags & IORING_CQE_F_MORE) == 0) {
-            completions_[i].user_data = 0;
-            --in_flight_;
-            return;
+    // Removes the target's final completion if it has been reaped already: before we ask,
+    // or while get_sqe made room for the cancel, or by the waits below. Other completions
+    // stay in completions_ for run() to dispatch.
+    auto take_final = [&]() noexcept {
+        for (std::size_t i = completions_pos_; i < completions_.size(); ++i) {
+            cqe_copy& entry = completions_[i];
+            if (entry.user_data == key) {
+                entry.user_data = 0;
+                if ((entry.flags & IORING_CQE_F_MORE) == 0) {
+                    --in_flight_;
+                    return true;
+                }
+            }
         }
+        return false;
+    };
+    if (take_final()) {
+        return;
     }
     request_cancel(target);
-    for (;;) {
+    while (!take_final()) {
         int res = io_uring_submit_and_wait(&ring_, 1);
         if (res < 0 && res != -EINTR && res != -EBUSY && res != -ETIME) {
             log(log_level::error, "io_context: waiting for a cancelled operation failed: {}",
                 std::strerror(-res));
             std::abort(); // continuing would let the kernel write into freed memory
         }
-        unsigned head;
-        unsigned seen = 0;
-        bool done = false;
-        io_uring_cqe* cqe;
-        io_uring_for_each_cqe(&ring_, head, cqe) {
-            ++seen;
-            if (cqe->user_data == key) {
-                if ((cqe->flags & IORING_CQE_F_MORE) == 0) {
-                    --in_flight_;
-                    done = true;
-                    break;
-                }
-                continue;
-            }
-            completions_.push_back({cqe->user_data, cqe->res, cqe->flags});
-        }
-        io_uring_cq_advance(&ring_, seen);
-        if (done) {
-            return;
-        }
+        reap();
     }
 }
 

@@ -2,11 +2,16 @@
 
 #include <cassert>
 #include <cerrno>
-#include <ctime>
 
 namespace ringchat {
 
-cancel_source::~cancel_source() = default;
+cancel_source::~cancel_source() {
+    // The source should outlive what it cancels; if it does not, the operation must not
+    // reach back into it when it completes.
+    if (attached_ != nullptr) {
+        attached_->forget_cancel_source();
+    }
+}
 
 void cancel_source::request_cancel() noexcept {
     requested_ = true;
@@ -139,25 +144,24 @@ bool shutdown_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
 }
 
 sleep_awaiter::sleep_awaiter(io_context& ctx, std::chrono::nanoseconds duration) noexcept
-    : op_options(ctx, "sleep", nullptr),
-      duration_(duration < duration.zero() ? duration.zero() : duration) {}
+    : op_options(ctx, "sleep", nullptr) {
+    auto ns = duration.count() < 0 ? 0 : duration.count();
+    duration_.tv_sec = ns / 1'000'000'000;
+    duration_.tv_nsec = ns % 1'000'000'000;
+}
 
 bool sleep_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
-    // A relative timeout would start when the kernel consumes the SQE, which can be a whole
-    // batch of other work later; an absolute deadline counts from this co_await, so timers
-    // started one after another fire in the order of their deadlines.
-    timespec now{};
-    ::clock_gettime(CLOCK_MONOTONIC, &now);
-    const auto ns = duration_.count();
-    deadline_.tv_sec = now.tv_sec + ns / 1'000'000'000;
-    deadline_.tv_nsec = now.tv_nsec + ns % 1'000'000'000;
-    if (deadline_.tv_nsec >= 1'000'000'000) {
-        deadline_.tv_sec += 1;
-        deadline_.tv_nsec -= 1'000'000'000;
+    if (!start(h, [this](io_uring_sqe* sqe) { io_uring_prep_timeout(sqe, &duration_, 0, 0); })) {
+        return false;
     }
-    return start(h, [this](io_uring_sqe* sqe) {
-        io_uring_prep_timeout(sqe, &deadline_, 0, IORING_TIMEOUT_ABS);
-    });
+    // The kernel starts a relative timeout when it reads the SQE. Submitted with the rest of
+    // the batch, a sleep would start only when the io thread gets there, and a timer started
+    // later with an earlier deadline could fire first. Submitting now makes the duration
+    // count from this co_await. (IORING_TIMEOUT_ABS would save the system call, but io_uring
+    // does not apply a time namespace's CLOCK_MONOTONIC offset, so it breaks in containers
+    // that use one.) If the submission fails, the SQE goes with the next one as before.
+    io_uring_submit(ctx_->native());
+    return true;
 }
 
 void sleep_awaiter::await_resume() const {

@@ -73,6 +73,7 @@ public:
     bool await_suspend(std::coroutine_handle<> waiter) noexcept;
     /// Cancels the receive in flight, if any (cancel_source, channel::close()).
     void cancel_now() noexcept override;
+    void forget_cancel_source() noexcept override { cancel_ = nullptr; }
 
 protected:
     // Throws the failure, if any; otherwise consumes the frame and returns it (a view into
@@ -103,7 +104,8 @@ private:
     std::size_t skipped_ = 0;
     cancel_source* cancel_ = nullptr;
     std::coroutine_handle<> waiter_;
-    __kernel_timespec deadline_{};
+    std::chrono::steady_clock::time_point deadline_;
+    __kernel_timespec timeout_left_{}; // what is left of it at each receive, for the kernel
     std::chrono::nanoseconds timeout_{};
     int error_ = 0; // -errno, or a negated ringchat::errc value below error_base
     kind kind_;

@@ -22,6 +22,8 @@ class cancellable {
 public:
     /// Asks the pending operation to stop; it then completes with errc::cancelled.
     virtual void cancel_now() noexcept = 0;
+    /// The cancel_source it was attached to is being destroyed: forget it.
+    virtual void forget_cancel_source() noexcept = 0;
 
 protected:
     ~cancellable() = default;
@@ -106,6 +108,7 @@ protected:
 
     void set_deadline(std::chrono::nanoseconds timeout) noexcept;
     void cancel_now() noexcept override;
+    void forget_cancel_source() noexcept override { cancel_ = nullptr; }
     void set_cancel(cancel_source& source) noexcept { cancel_ = &source; }
 
     io_context* ctx_;
@@ -279,8 +282,7 @@ public:
     void await_resume() const;
 
 private:
-    std::chrono::nanoseconds duration_;
-    __kernel_timespec deadline_{}; // absolute, CLOCK_MONOTONIC; set by await_suspend
+    __kernel_timespec duration_{};
 };
 
 class [[nodiscard]] cancel_fd_awaiter : public op_options<cancel_fd_awaiter> {
@@ -346,7 +348,7 @@ inline detail::cancel_fd_awaiter cancel(io_context& ctx, int fd) noexcept { retu
 } // namespace ops
 
 /// Suspends the calling coroutine for `duration`, counted from the co_await (an
-/// IORING_OP_TIMEOUT with an absolute deadline, no thread blocks). Io thread only.
+/// IORING_OP_TIMEOUT, submitted at once; no thread blocks). Io thread only.
 inline detail::sleep_awaiter sleep_for(io_context& ctx, std::chrono::nanoseconds duration) noexcept {
     return {ctx, duration};
 }
