@@ -7,12 +7,13 @@
 namespace ringchat {
 
 buffer::buffer(buffer&& other) noexcept
-    : storage_(std::move(other.storage_)), capacity_(std::exchange(other.capacity_, 0)),
+    : borrowed_(std::exchange(other.borrowed_, nullptr)), storage_(std::move(other.storage_)), capacity_(std::exchange(other.capacity_, 0)),
       begin_(std::exchange(other.begin_, 0)), end_(std::exchange(other.end_, 0)),
       initial_(other.initial_) {}
 
 buffer& buffer::operator=(buffer&& other) noexcept {
     if (this != &other) {
+        borrowed_ = std::exchange(other.borrowed_, nullptr);
         storage_ = std::move(other.storage_);
         capacity_ = std::exchange(other.capacity_, 0);
         begin_ = std::exchange(other.begin_, 0);
@@ -30,7 +31,29 @@ void buffer::consume(std::size_t n) noexcept {
     }
 }
 
+void buffer::borrow(const char* data, std::size_t n) noexcept {
+    borrowed_ = data;
+    begin_ = 0;
+    end_ = n;
+}
+
+void buffer::stop_borrowing() {
+    if (borrowed_ == nullptr) {
+        return;
+    }
+    const char* from = borrowed_ + begin_;
+    const std::size_t unread = end_ - begin_;
+    borrowed_ = nullptr;
+    begin_ = end_ = 0;
+    if (unread != 0) {
+        auto space = prepare(unread);
+        std::memcpy(space.data(), from, unread);
+        commit(unread);
+    }
+}
+
 std::span<char> buffer::prepare(std::size_t min_free) {
+    stop_borrowing();
     if (capacity_ - end_ < min_free) {
         const std::size_t unread = size();
         if (capacity_ - unread >= min_free && storage_) {
@@ -59,7 +82,7 @@ void buffer::append(std::string_view bytes) {
 }
 
 void buffer::release_if_idle(std::size_t keep) noexcept {
-    if (empty() && capacity_ > keep) {
+    if (empty() && borrowed_ == nullptr && capacity_ > keep) {
         storage_.reset();
         capacity_ = 0;
         begin_ = end_ = 0;

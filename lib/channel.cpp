@@ -2,6 +2,8 @@
 #include <ringchat/error.hpp>
 #include <ringchat/log.hpp>
 
+#include "provided_buffers.hpp"
+
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -145,8 +147,11 @@ struct channel_core final : flush_node, owned_node {
         linger_op.core = this;
     }
 
+    ~channel_core() { release_borrowed(); }
+
     io_context* ctx;
     int fd = -1;
+    int borrowed_bid = -1; // provided buffer the input buffer borrows, or -1
     address peer;
     channel_options opts;
     buffer input;
@@ -176,6 +181,50 @@ struct channel_core final : flush_node, owned_node {
     bool handle_alive = true;
     bool adopted = false; // owned by the context (handle gone, work left)
     bool close_wanted = false;
+
+    // Gives the borrowed provided buffer back to the kernel. Views into it die here, so
+    // this happens only when a new read starts or its bytes were copied out.
+    void release_borrowed() noexcept {
+        if (borrowed_bid >= 0) {
+            ctx->receive_buffers()->recycle(static_cast<std::uint16_t>(borrowed_bid));
+            borrowed_bid = -1;
+        }
+    }
+
+    // A new read starts: if the borrowed bytes were all consumed, return the buffer.
+    void release_consumed_borrow() noexcept {
+        if (borrowed_bid >= 0 && input.empty()) {
+            input.stop_borrowing(); // nothing to copy: cannot throw
+            release_borrowed();
+        }
+    }
+
+    // More bytes must follow the borrowed ones in contiguous memory: copy them out.
+    void copy_out_borrow() {
+        if (borrowed_bid >= 0) {
+            input.stop_borrowing();
+            release_borrowed();
+        }
+    }
+
+    // Adds received bytes that are in provided buffer `bid` to the input: borrowed when the
+    // input is empty (no copy), else copied behind what is there.
+    void take_provided(std::uint16_t bid, std::size_t size) {
+        provided_buffers* pb = ctx->receive_buffers();
+        if (input.empty() && borrowed_bid < 0) {
+            input.borrow(pb->data(bid), size);
+            borrowed_bid = bid;
+            return;
+        }
+        copy_out_borrow();
+        try {
+            input.append(std::string_view(pb->data(bid), size));
+        } catch (...) {
+            pb->recycle(bid);
+            throw;
+        }
+        pb->recycle(bid);
+    }
 
     static void flush_thunk(flush_node* self) noexcept { static_cast<channel_core*>(self)->flush(); }
     static void destroy_thunk(owned_node* self) noexcept {
@@ -501,9 +550,11 @@ read_awaiter::read_awaiter(const read_awaiter& other) noexcept
 read_awaiter::~read_awaiter() {
     if (in_flight_) {
         // The awaiting coroutine is being destroyed: take the receive back from the kernel
-        // before the frame (and maybe the destination) goes away.
-        core_->ctx->cancel_and_wait(this);
+        // before the frame (and maybe the destination) goes away. If it had completed after
+        // all, its bytes stay in the channel like those of any read that did not finish.
+        cqe_result last = core_->ctx->cancel_and_wait(this);
         in_flight_ = false;
+        keep_received(last);
         restore_direct_bytes();
     }
     if (core_->reader == this) {
@@ -546,6 +597,7 @@ bool read_awaiter::await_ready() {
         state_ = state::failed;
         return true;
     }
+    core_->release_consumed_borrow(); // views from the previous read end here
     if (kind_ == kind::exact && count_ > core_->opts.max_buffer) {
         error_ = fail_too_large;
         state_ = state::failed;
@@ -690,8 +742,24 @@ bool read_awaiter::start_receive() noexcept {
         target = dest_ + from_buffer_ + direct_;
         size = count_ - from_buffer_ - direct_;
     } else {
+        c.release_consumed_borrow();
         if (c.input.empty()) {
             c.input.release_if_idle(c.opts.keep_buffer);
+        }
+        // Waiting with nothing buffered: let the kernel pick a shared buffer when data
+        // arrives, so a connection that waits holds no receive memory. A frame known to be
+        // larger than one such buffer goes straight into the channel's own buffer instead.
+        provided_buffers* shared = nullptr;
+        if (c.input.empty() && !no_shared_buffer_ &&
+            (kind_ != kind::exact || count_ <= c.ctx->options().receive_buffer_size)) {
+            shared = c.ctx->receive_buffers();
+        }
+        if (shared != nullptr) {
+            io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
+            io_uring_prep_recv(sqe, c.fd, nullptr, shared->buffer_size(), 0);
+            sqe->flags |= IOSQE_BUFFER_SELECT;
+            sqe->buf_group = shared->group();
+            return finish_start(sqe);
         }
         std::size_t want = c.opts.receive_size;
         if (kind_ == kind::exact) {
@@ -699,6 +767,7 @@ bool read_awaiter::start_receive() noexcept {
         }
         std::span<char> space;
         try {
+            c.copy_out_borrow();
             space = c.input.prepare(want);
         } catch (const std::bad_alloc&) {
             error_ = -ENOMEM;
@@ -710,6 +779,11 @@ bool read_awaiter::start_receive() noexcept {
     }
     io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
+    return finish_start(sqe);
+}
+
+bool read_awaiter::finish_start(io_uring_sqe* sqe) noexcept {
+    channel_core& c = *core_;
     io_uring_sqe_set_data(sqe, static_cast<completion*>(this));
     if (has_deadline_) {
         link_deadline(*c.ctx, sqe, deadline_, &timeout_left_);
@@ -722,7 +796,46 @@ bool read_awaiter::start_receive() noexcept {
     return true;
 }
 
-void read_awaiter::complete(completion* self, int res, std::uint32_t) noexcept {
+void read_awaiter::fail_receive(int res) noexcept {
+    channel_core& c = *core_;
+    state_ = state::failed;
+    if (c.aborted || !c.handle_alive) {
+        error_ = fail_closed;
+    } else if (res == -ECANCELED && cancelled_) {
+        error_ = fail_cancelled;
+    } else if ((res == -ECANCELED && has_deadline_) || res == -ETIME) {
+        error_ = fail_timed_out;
+    } else {
+        c.read_error = res; // a failed receive (a reset) fails every later read too
+        error_ = res;
+    }
+}
+
+bool read_awaiter::keep_received(cqe_result last) noexcept {
+    if (last.res <= 0) {
+        if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
+            core_->ctx->receive_buffers()->recycle(
+                static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT));
+        }
+        return true;
+    }
+    const auto size = static_cast<std::size_t>(last.res);
+    try {
+        if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
+            core_->take_provided(static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT),
+                                 size);
+        } else if (into_dest_) {
+            direct_ += size;
+        } else {
+            core_->input.commit(size);
+        }
+    } catch (const std::bad_alloc&) {
+        return false;
+    }
+    return true;
+}
+
+void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noexcept {
     auto* r = static_cast<read_awaiter*>(self);
     channel_core& c = *r->core_;
     r->in_flight_ = false;
@@ -735,32 +848,35 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t) noexcept {
         if (log_enabled(log_level::trace)) {
             log(log_level::trace, "channel {}: received {} bytes", c.peer.to_string(), res);
         }
-        if (r->into_dest_) {
-            r->direct_ += static_cast<std::size_t>(res);
-        } else {
-            c.input.commit(static_cast<std::size_t>(res));
+        if (!r->keep_received({res, flags})) {
+            r->error_ = -ENOMEM;
+            r->state_ = state::failed;
+            c.reader = nullptr;
+            r->waiter_.resume();
+            return;
         }
         r->evaluate();
         if (r->state_ == state::pending && r->start_receive()) {
             return; // not there yet: receive again without resuming the coroutine
         }
+    } else if (res < 0 && (flags & IORING_CQE_F_BUFFER) != 0 && res != -ENOBUFS) {
+        r->keep_received({res, flags}); // gives the buffer back; then fail as below
+        r->fail_receive(res);
+    } else if (res == -ENOBUFS) {
+        // Every shared receive buffer is in use: receive into the channel's own this time.
+        r->no_shared_buffer_ = true;
+        if (r->start_receive()) {
+            return;
+        }
     } else if (res == 0) {
         ++c.stats.receives;
         c.eof = true;
+        if ((flags & IORING_CQE_F_BUFFER) != 0) {
+            c.ctx->receive_buffers()->recycle(static_cast<std::uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT));
+        }
         r->evaluate();
-    } else if (c.aborted || !c.handle_alive) {
-        r->error_ = fail_closed;
-        r->state_ = state::failed;
-    } else if (res == -ECANCELED && r->cancelled_) {
-        r->error_ = fail_cancelled;
-        r->state_ = state::failed;
-    } else if ((res == -ECANCELED && r->has_deadline_) || res == -ETIME) {
-        r->error_ = fail_timed_out;
-        r->state_ = state::failed;
     } else {
-        c.read_error = res;
-        r->error_ = res;
-        r->state_ = state::failed;
+        r->fail_receive(res);
     }
     if (r->state_ == state::failed) {
         r->restore_direct_bytes();

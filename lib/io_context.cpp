@@ -2,6 +2,8 @@
 #include <ringchat/io_context.hpp>
 #include <ringchat/log.hpp>
 
+#include "provided_buffers.hpp"
+
 #include <fmt/core.h>
 
 #include <cerrno>
@@ -82,7 +84,7 @@ std::string describe_flags(unsigned flags) {
 
 } // namespace
 
-io_context::io_context(io_context_options options) {
+io_context::io_context(io_context_options options) : options_(options) {
     setup(options);
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) {
@@ -139,6 +141,8 @@ io_context::~io_context() {
         disown(node);
         node->destroy(node);
     }
+    // Nothing can be receiving into the provided buffers any more.
+    receive_buffers_.reset();
     // Fire-and-forget closes may still sit in the SQ ring; socket closes run at submission.
     io_uring_submit(&ring_);
     io_uring_queue_exit(&ring_);
@@ -197,8 +201,25 @@ void io_context::request_cancel(detail::completion* target) noexcept {
     io_uring_sqe_set_data64(sqe, 0);
 }
 
-void io_context::cancel_and_wait(detail::completion* target) noexcept {
+detail::provided_buffers* io_context::receive_buffers() noexcept {
+    if (!receive_buffers_tried_) {
+        receive_buffers_tried_ = true;
+        if (options_.receive_buffers != 0) {
+            receive_buffers_ = detail::provided_buffers::create(
+                &ring_, options_.receive_buffers, options_.receive_buffer_size, 0);
+            log(log_level::info, "io_context: {}", receive_buffers_
+                    ? fmt::format("{} provided receive buffers of {} bytes",
+                                  options_.receive_buffers, options_.receive_buffer_size)
+                    : std::string("no provided buffer ring (kernel before 5.19?); channels "
+                                  "receive into their own buffers"));
+        }
+    }
+    return receive_buffers_.get();
+}
+
+detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexcept {
     const auto key = reinterpret_cast<std::uint64_t>(target);
+    detail::cqe_result final_result;
     // Removes the target's final completion if it has been reaped already: before we ask,
     // or while get_sqe made room for the cancel, or by the waits below. Other completions
     // stay in completions_ for run() to dispatch.
@@ -209,6 +230,7 @@ void io_context::cancel_and_wait(detail::completion* target) noexcept {
                 entry.user_data = 0;
                 if ((entry.flags & IORING_CQE_F_MORE) == 0) {
                     --in_flight_;
+                    final_result = {entry.res, entry.flags};
                     return true;
                 }
             }
@@ -216,7 +238,7 @@ void io_context::cancel_and_wait(detail::completion* target) noexcept {
         return false;
     };
     if (take_final()) {
-        return;
+        return final_result;
     }
     request_cancel(target);
     while (!take_final()) {
@@ -228,6 +250,7 @@ void io_context::cancel_and_wait(detail::completion* target) noexcept {
         }
         reap();
     }
+    return final_result;
 }
 
 void io_context::arm_wake_read() noexcept {

@@ -554,3 +554,52 @@ TEST_CASE("an idle channel releases a large input buffer") {
     }(sp.b, big));
     CHECK(test::run_with_deadline(ctx, reader(ch, sp.b, big)) == big.size());
 }
+
+TEST_CASE("framing is the same with the shared receive buffers turned off") {
+    io_context_options options;
+    options.receive_buffers = 0;
+    io_context ctx(options);
+    const std::string input = "E 2\nhiX\r\nZ";
+    const std::vector<std::string> expected{"E 2", "hi", "X", "Z"};
+    for (const auto& chunks : all_chunkings(input.size())) {
+        CAPTURE(fmt::format("{}", chunks));
+        CHECK(run_chunked(ctx, input, chunks, protocol_reader) == expected);
+    }
+}
+
+TEST_CASE("a channel waiting with nothing buffered holds no receive buffer of its own") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "ECHO 3\nabc");
+    auto reader = [](channel& c, int peer) -> task<std::size_t> {
+        CHECK(co_await c.read_until("\n") == "ECHO 3");
+        CHECK(co_await c.read_exact(3) == "abc");
+        // The bytes came in a shared buffer and were handed out without a copy.
+        CHECK(c.input_capacity() == 0);
+        write_all(peer, "next\n");
+        CHECK(co_await c.read_until("\n") == "next");
+        co_return c.input_capacity();
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch, sp.b)) == 0);
+}
+
+TEST_CASE("when every shared receive buffer is taken, reads fall back to the channel's own") {
+    io_context_options options;
+    options.receive_buffers = 1; // one buffer for the whole context
+    io_context ctx(options);
+    test::socket_pair first;
+    test::socket_pair second;
+    channel a = make_channel(ctx, first.release_a());
+    channel b = make_channel(ctx, second.release_a());
+    write_all(first.b, "held\nrest");
+    write_all(second.b, "from b\n");
+    auto reader = [](channel& x, channel& y) -> task<std::string> {
+        // a's frame is a view into the only shared buffer, kept until a's next read.
+        std::string_view held = co_await x.read_until("\n");
+        std::string from_b(co_await y.read_until("\n"));
+        co_return std::string(held) + "|" + from_b;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(a, b)) == "held|from b");
+    CHECK(a.buffered() == "rest");
+}

@@ -22,7 +22,7 @@ public:
 
     /// The unread bytes. The view lives until the next prepare(), append() or release().
     [[nodiscard]] std::string_view data() const noexcept {
-        return {storage_.get() + begin_, end_ - begin_};
+        return {base() + begin_, end_ - begin_};
     }
     [[nodiscard]] std::size_t size() const noexcept { return end_ - begin_; }
     [[nodiscard]] bool empty() const noexcept { return begin_ == end_; }
@@ -44,11 +44,26 @@ public:
     /// Copies `bytes` to the end (prepare + copy + commit).
     void append(std::string_view bytes);
 
+    /// Makes `n` bytes of memory the buffer does not own (a provided receive buffer) its
+    /// unread data, without copying. Requires empty(). The memory must stay valid until
+    /// stop_borrowing() or the next prepare()/append(), which copy what is unread into the
+    /// buffer's own storage first.
+    void borrow(const char* data, std::size_t n) noexcept;
+    /// True while the unread bytes (or, once consumed, the last ones) are borrowed memory.
+    [[nodiscard]] bool borrowing() const noexcept { return borrowed_ != nullptr; }
+    /// Stops borrowing, copying unread borrowed bytes into own storage. Throws std::bad_alloc.
+    void stop_borrowing();
+
     /// Frees the memory if nothing is unread and more than `keep` bytes are allocated, so an
     /// idle connection does not pin a large buffer. Invalidates views.
     void release_if_idle(std::size_t keep) noexcept;
 
 private:
+    [[nodiscard]] const char* base() const noexcept {
+        return borrowed_ != nullptr ? borrowed_ : storage_.get();
+    }
+
+    const char* borrowed_ = nullptr;
     std::unique_ptr<char[]> storage_;
     std::size_t capacity_ = 0;
     std::size_t begin_ = 0;

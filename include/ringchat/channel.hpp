@@ -89,6 +89,9 @@ private:
     static void complete(completion* self, int res, std::uint32_t flags) noexcept;
     void evaluate() noexcept;
     bool start_receive() noexcept;
+    bool finish_start(io_uring_sqe* sqe) noexcept;
+    bool keep_received(cqe_result last) noexcept;
+    void fail_receive(int res) noexcept;
     void restore_direct_bytes() noexcept;
     [[noreturn]] void throw_failure() const;
 
@@ -114,6 +117,7 @@ private:
     bool in_flight_ = false;
     bool cancelled_ = false;
     bool into_dest_ = false; // exact_into: the receive in flight targets dest
+    bool no_shared_buffer_ = false; // the provided buffers ran out: use the channel's own
 };
 
 /// Adds with_timeout() and cancel_on() to a read awaiter, returning it by value.

@@ -8,6 +8,7 @@
 #include <coroutine>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -28,6 +29,13 @@ struct completion {
 };
 
 class detached_promise;
+class provided_buffers;
+
+/// What the kernel reported for an operation: a CQE's res and flags.
+struct cqe_result {
+    int res = 0;
+    std::uint32_t flags = 0;
+};
 
 /// Something with output to prepare once per loop iteration, just before the context submits
 /// its batch (a channel's writer): every push made while handling one batch of completions
@@ -58,6 +66,11 @@ struct io_context_options {
     /// Ask for IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, falling back to
     /// COOP_TASKRUN and then to no flags on kernels that reject them.
     bool defer_taskrun = true;
+    /// Receive buffers shared by the context's channels (a provided buffer ring): a channel
+    /// waiting for input with nothing buffered holds no receive memory of its own. Count
+    /// (power of two) and size; 0 turns it off. Mapped lazily, faulted in only as used.
+    unsigned receive_buffers = 1024;
+    unsigned receive_buffer_size = 4096;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
@@ -117,6 +130,9 @@ public:
     /// Description of the setup the kernel accepted, e.g. "SINGLE_ISSUER|DEFER_TASKRUN".
     [[nodiscard]] const std::string& setup_description() const noexcept { return setup_desc_; }
 
+    /// The options the context was created with.
+    [[nodiscard]] const io_context_options& options() const noexcept { return options_; }
+
     /// The io_uring setup flags the kernel accepted.
     [[nodiscard]] unsigned setup_flags() const noexcept { return setup_flags_; }
 
@@ -140,7 +156,13 @@ public:
     /// posted its final completion, which is then dropped. Completions of other operations
     /// that arrive meanwhile are kept and dispatched later by run(). Called by the destructor
     /// of an awaiter whose coroutine is destroyed while its operation is in flight.
-    void cancel_and_wait(detail::completion* target) noexcept;
+    /// Returns the final completion's result (its flags may name a provided buffer that the
+    /// caller must recycle).
+    detail::cqe_result cancel_and_wait(detail::completion* target) noexcept;
+
+    /// The context's provided receive buffers, set up on first use; null if turned off or
+    /// unsupported by the kernel.
+    detail::provided_buffers* receive_buffers() noexcept;
 
     /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
     /// -ECANCELED (or its result, if it already finished).
@@ -192,6 +214,9 @@ private:
 
     io_uring ring_{};
     unsigned setup_flags_ = 0;
+    io_context_options options_;
+    std::unique_ptr<detail::provided_buffers> receive_buffers_;
+    bool receive_buffers_tried_ = false;
     std::string setup_desc_;
 
     std::vector<cqe_copy> completions_; // reaped, not yet dispatched
