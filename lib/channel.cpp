@@ -137,6 +137,7 @@ struct channel_core final : flush_node, owned_node {
     channel_core(stream&& s, const channel_options& o)
         : ctx(&s.context()), peer(s.peer()), opts(o), input(o.receive_size) {
         fd = s.release();
+        receive_hint = o.receive_size;
         flush_node::flush = &channel_core::flush_thunk;
         owned_node::destroy = &channel_core::destroy_thunk;
         send_op.on_complete = &channel_core::send_done;
@@ -152,6 +153,9 @@ struct channel_core final : flush_node, owned_node {
     io_context* ctx;
     int fd = -1;
     int borrowed_bid = -1; // provided buffer the input buffer borrows, or -1
+    // How much the next receive asks for: doubles while receives fill all the space they
+    // were given (a stream), falls back when they come back small (request/response).
+    std::size_t receive_hint = 0;
     address peer;
     channel_options opts;
     buffer input;
@@ -204,6 +208,17 @@ struct channel_core final : flush_node, owned_node {
         if (borrowed_bid >= 0) {
             input.stop_borrowing();
             release_borrowed();
+        }
+    }
+
+    void adapt_receive_hint(std::size_t asked, std::size_t got) noexcept {
+        constexpr std::size_t max_hint = 256 * 1024;
+        if (got == asked) {
+            receive_hint = std::min(std::max(receive_hint, asked) * 2, max_hint);
+        } else if (got < asked / 4) {
+            // Traffic is small again: fall back at once, so a connection that goes idle
+            // after a large frame waits in a shared buffer and releases its own.
+            receive_hint = std::max(opts.receive_size, std::min(receive_hint, got * 2));
         }
     }
 
@@ -743,15 +758,21 @@ bool read_awaiter::start_receive() noexcept {
         size = count_ - from_buffer_ - direct_;
     } else {
         c.release_consumed_borrow();
-        if (c.input.empty()) {
+        const std::size_t shared_size = c.ctx->options().receive_buffer_size;
+        const bool light_traffic = c.receive_hint <= shared_size;
+        if (c.input.empty() && light_traffic) {
+            // A stream keeps its buffer (no allocation per receive); light traffic lets a
+            // large one go.
             c.input.release_if_idle(c.opts.keep_buffer);
         }
         // Waiting with nothing buffered: let the kernel pick a shared buffer when data
         // arrives, so a connection that waits holds no receive memory. A frame known to be
         // larger than one such buffer goes straight into the channel's own buffer instead.
+        // While data streams in (the hint has grown past a shared buffer), large receives
+        // into the channel's own buffer cost fewer system calls than small shared ones.
         provided_buffers* shared = nullptr;
-        if (c.input.empty() && !no_shared_buffer_ &&
-            (kind_ != kind::exact || count_ <= c.ctx->options().receive_buffer_size)) {
+        if (c.input.empty() && !no_shared_buffer_ && light_traffic &&
+            (kind_ != kind::exact || count_ <= shared_size)) {
             shared = c.ctx->receive_buffers();
         }
         if (shared != nullptr) {
@@ -759,9 +780,10 @@ bool read_awaiter::start_receive() noexcept {
             io_uring_prep_recv(sqe, c.fd, nullptr, shared->buffer_size(), 0);
             sqe->flags |= IOSQE_BUFFER_SELECT;
             sqe->buf_group = shared->group();
+            asked_ = shared->buffer_size();
             return finish_start(sqe);
         }
-        std::size_t want = c.opts.receive_size;
+        std::size_t want = c.receive_hint;
         if (kind_ == kind::exact) {
             want = std::max(want, count_ - c.input.size());
         }
@@ -775,8 +797,9 @@ bool read_awaiter::start_receive() noexcept {
             return false;
         }
         target = space.data();
-        size = space.size();
+        size = std::min(space.size(), std::max(want, c.opts.receive_size));
     }
+    asked_ = size;
     io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
     return finish_start(sqe);
@@ -820,6 +843,9 @@ bool read_awaiter::keep_received(cqe_result last) noexcept {
         return true;
     }
     const auto size = static_cast<std::size_t>(last.res);
+    if (!into_dest_) {
+        core_->adapt_receive_hint(asked_, size);
+    }
     try {
         if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
             core_->take_provided(static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT),

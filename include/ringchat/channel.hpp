@@ -105,6 +105,7 @@ private:
     std::size_t from_buffer_ = 0; // exact_into: bytes copied from the input buffer
     std::size_t direct_ = 0;      // exact_into: bytes received straight into dest
     std::size_t skipped_ = 0;
+    std::size_t asked_ = 0;       // size of the receive in flight
     cancel_source* cancel_ = nullptr;
     std::coroutine_handle<> waiter_;
     std::chrono::steady_clock::time_point deadline_;
