@@ -34,7 +34,7 @@ namespace detail {
 
 namespace {
 
-constexpr std::size_t max_iovecs = 16;
+constexpr std::size_t max_iovecs = send_scratch::max_iovecs;
 
 // Strings at least this large live on the heap, so moving one (when the queue grows) keeps
 // its bytes where an in-flight sendmsg may be reading them. Short strings are stored
@@ -173,8 +173,7 @@ struct channel_core final : flush_node, owned_node {
     int write_error = 0; // -errno of a failed send (or -EIO for a producer failure)
     std::exception_ptr producer_error;
     std::exception_ptr producer_failure; // more() threw; fails the writer when reached
-    iovec iov[max_iovecs]{};
-    msghdr message{};
+    std::unique_ptr<send_scratch> own_scratch; // only where the kernel lacks SUBMIT_STABLE
     member_op send_op;
     member_op shutdown_op;
     member_op linger_op;
@@ -286,6 +285,7 @@ struct channel_core final : flush_node, owned_node {
             return;
         }
         pop_finished_front();
+        iovec iov[max_iovecs];
         std::size_t iovcnt = 0;
         std::size_t entries = 0;
         for (; entries < queue.size() && iovcnt < max_iovecs; ++entries) {
@@ -332,14 +332,31 @@ struct channel_core final : flush_node, owned_node {
             notify_writer(); // last: the resumed coroutine may destroy the channel
             return;
         }
-        io_uring_sqe* sqe = ctx->get_sqe();
         if (iovcnt == 1) {
+            io_uring_sqe* sqe = ctx->get_sqe();
             io_uring_prep_send(sqe, fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
-        } else {
-            message.msg_iov = iov;
-            message.msg_iovlen = iovcnt;
-            io_uring_prep_sendmsg(sqe, fd, &message, MSG_NOSIGNAL);
+            start_send(sqe, entries);
+            return;
         }
+        // Before taking the SQE: taking scratch may submit, which must not carry an SQE
+        // that is not filled in yet.
+        send_scratch* scratch = ctx->take_send_scratch();
+        if (scratch == nullptr) {
+            if (!own_scratch) {
+                own_scratch = std::make_unique<send_scratch>(); // once, on old kernels only
+            }
+            scratch = own_scratch.get();
+        }
+        std::copy(iov, iov + iovcnt, scratch->iov);
+        scratch->message = {};
+        scratch->message.msg_iov = scratch->iov;
+        scratch->message.msg_iovlen = iovcnt;
+        io_uring_sqe* sqe = ctx->get_sqe();
+        io_uring_prep_sendmsg(sqe, fd, &scratch->message, MSG_NOSIGNAL);
+        start_send(sqe, entries);
+    }
+
+    void start_send(io_uring_sqe* sqe, std::size_t entries) noexcept {
         io_uring_sqe_set_data(sqe, static_cast<completion*>(&send_op));
         ctx->operation_started();
         sending = true;

@@ -116,6 +116,7 @@ void io_context::setup(const io_context_options& options) {
         res = io_uring_queue_init_params(options.sq_entries, &ring_, &params);
         if (res == 0) {
             setup_flags_ = params.flags;
+            submit_stable_ = (params.features & IORING_FEAT_SUBMIT_STABLE) != 0;
             break;
         }
         if (res != -EINVAL) {
@@ -199,6 +200,27 @@ void io_context::request_cancel(detail::completion* target) noexcept {
     io_uring_sqe* sqe = get_sqe();
     io_uring_prep_cancel(sqe, target, 0);
     io_uring_sqe_set_data64(sqe, 0);
+}
+
+detail::send_scratch* io_context::take_send_scratch() noexcept {
+    if (!submit_stable_) {
+        return nullptr;
+    }
+    if (!send_scratch_) {
+        send_scratch_.reset(new (std::nothrow) detail::send_scratch[scratch_slots]);
+        if (!send_scratch_) {
+            return nullptr;
+        }
+    }
+    if (send_scratch_used_ == scratch_slots) {
+        // All slots belong to SQEs not submitted yet: submit them, then start over.
+        io_uring_submit(&ring_);
+        if (io_uring_sq_ready(&ring_) != 0) {
+            return nullptr;
+        }
+        send_scratch_used_ = 0;
+    }
+    return &send_scratch_[send_scratch_used_++];
 }
 
 detail::provided_buffers* io_context::receive_buffers() noexcept {
@@ -396,6 +418,9 @@ void io_context::run() {
             arm_wake_read();
         }
         int res = io_uring_submit_and_wait(&ring_, 1);
+        if (io_uring_sq_ready(&ring_) == 0) {
+            send_scratch_used_ = 0; // the kernel has consumed every SQE that used them
+        }
         if (res < 0 && res != -EINTR && res != -ETIME && res != -EBUSY && res != -EAGAIN) {
             log(log_level::error, "io_context: io_uring_submit_and_wait failed: {}",
                 std::strerror(-res));

@@ -1102,3 +1102,37 @@ TEST_CASE("seeded random pushes, producers and writes all arrive in order") {
 }
 
 } // namespace
+
+TEST_CASE("more multi-buffer sends in one loop iteration than the context has scratch for") {
+    // Each channel queues three separate buffers, so each send is a sendmsg whose iovecs
+    // live in the context's scratch until submission; 200 of them in one iteration use the
+    // 64 slots several times over.
+    io_context ctx;
+    constexpr int count = 200;
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> channels;
+    for (int i = 0; i < count; ++i) {
+        pairs.push_back(std::make_unique<test::socket_pair>());
+        channels.emplace_back(stream(ctx, pairs.back()->release_a(), address{}));
+    }
+    auto expected = [](int i) {
+        return fmt::format("{:040}", i) + std::string(40, 'x') + fmt::format("{:040}", -i);
+    };
+    auto body = [](std::vector<channel>& chans, decltype(expected) make) -> task<void> {
+        for (int i = 0; i < count; ++i) {
+            std::string whole = make(i);
+            chans[i].push(whole.substr(0, 40));          // own entries: each is at least
+            chans[i].push(std::string(whole.substr(40, 40))); // 32 bytes and moved in
+            chans[i].push(std::string(whole.substr(80)));
+        }
+        for (auto& ch : chans) {
+            co_await ch.drain();
+        }
+    };
+    test::run_with_deadline(ctx, body(channels, expected));
+    for (int i = 0; i < count; ++i) {
+        std::string got(120, '\0');
+        REQUIRE(::recv(pairs[i]->b, got.data(), got.size(), MSG_WAITALL) == 120);
+        CHECK(got == expected(i));
+    }
+}

@@ -15,6 +15,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 namespace ringchat {
 
 class io_context;
@@ -30,6 +33,15 @@ struct completion {
 
 class detached_promise;
 class provided_buffers;
+
+/// A sendmsg's header and iovecs. The kernel reads them only while it consumes the SQE
+/// (IORING_FEAT_SUBMIT_STABLE), so they can live in scratch memory of the context until the
+/// next submission instead of in every connection.
+struct send_scratch {
+    static constexpr unsigned max_iovecs = 16;
+    msghdr message{};
+    iovec iov[max_iovecs]{};
+};
 
 /// What the kernel reported for an operation: a CQE's res and flags.
 struct cqe_result {
@@ -160,6 +172,10 @@ public:
     /// caller must recycle).
     detail::cqe_result cancel_and_wait(detail::completion* target) noexcept;
 
+    /// Scratch for one sendmsg prepared now and submitted with the next submission; null
+    /// if the kernel does not promise IORING_FEAT_SUBMIT_STABLE (the caller keeps its own).
+    detail::send_scratch* take_send_scratch() noexcept;
+
     /// The context's provided receive buffers, set up on first use; null if turned off or
     /// unsupported by the kernel.
     detail::provided_buffers* receive_buffers() noexcept;
@@ -215,6 +231,10 @@ private:
     io_uring ring_{};
     unsigned setup_flags_ = 0;
     io_context_options options_;
+    static constexpr unsigned scratch_slots = 64;
+    std::unique_ptr<detail::send_scratch[]> send_scratch_;
+    unsigned send_scratch_used_ = 0;
+    bool submit_stable_ = false;
     std::unique_ptr<detail::provided_buffers> receive_buffers_;
     bool receive_buffers_tried_ = false;
     std::string setup_desc_;
