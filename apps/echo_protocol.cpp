@@ -149,6 +149,14 @@ void reply_error(channel& ch, std::string_view reason) {
 } // namespace
 
 task<void> serve_connection(channel ch, server_config config) {
+    struct notify_on_exit {
+        const server_config& config;
+        ~notify_on_exit() {
+            if (config.on_finished != nullptr) {
+                config.on_finished(config.finished_context);
+            }
+        }
+    } notify{config};
     const std::string peer = ch.peer().to_string();
     try {
         if (config.raw) {

@@ -44,6 +44,11 @@ struct server_config {
     std::chrono::milliseconds idle_timeout{30'000}; ///< longest wait for a command or payload
     std::size_t stream_above = 1u << 20;    ///< payloads above this are echoed as they arrive
     const char* trace_name = "EchoHandler"; ///< prefix of -v trace lines
+    /// Called with `finished_context` when serve_connection ends, however it ends (the
+    /// server counts its connections with it); may be null. A plain function pointer keeps
+    /// a wrapper coroutine frame per connection out of the server.
+    void (*on_finished)(void* finished_context) = nullptr;
+    void* finished_context = nullptr;
 };
 
 /// Serves one connection: the seed's handler (one ECHO, then close), or with keep_alive

@@ -46,7 +46,11 @@ struct options {
 class server_loop {
 public:
     server_loop(const options& opts, const address& where)
-        : opts_(opts), listener_(ctx_, where, listen_options{.reuse_port = opts.threads > 1}) {}
+        : opts_(opts), config_(opts.config),
+          listener_(ctx_, where, listen_options{.reuse_port = opts.threads > 1}) {
+        config_.on_finished = &server_loop::connection_finished;
+        config_.finished_context = this;
+    }
 
     [[nodiscard]] const address& local_address() const { return listener_.local_address(); }
     io_context& context() { return ctx_; }
@@ -86,7 +90,9 @@ private:
                     log(log_level::trace, "echo_server: accepted connection from {}",
                         s.peer().to_string());
                 }
-                spawn(self->ctx_, serve(self, channel(std::move(s), channel_opts)));
+                ++self->active_;
+                spawn(self->ctx_, echo::serve_connection(channel(std::move(s), channel_opts),
+                                                         self->config_));
             } catch (const std::system_error& e) {
                 if (self->draining_) {
                     break;
@@ -105,17 +111,11 @@ private:
         }
     }
 
-    static task<void> serve(server_loop* self, channel ch) {
-        ++self->active_;
-        struct on_exit {
-            server_loop* self;
-            ~on_exit() {
-                if (--self->active_ == 0 && self->draining_) {
-                    self->ctx_.stop();
-                }
-            }
-        } guard{self};
-        co_await echo::serve_connection(std::move(ch), self->opts_.config);
+    static void connection_finished(void* context) {
+        auto* self = static_cast<server_loop*>(context);
+        if (--self->active_ == 0 && self->draining_) {
+            self->ctx_.stop();
+        }
     }
 
     static task<void> grace_timer(server_loop* self) {
@@ -126,6 +126,7 @@ private:
     }
 
     const options& opts_;
+    echo::server_config config_; // the options' config, reporting finished connections here
     io_context ctx_;
     listener listener_;
     std::size_t active_ = 0;
