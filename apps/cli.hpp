@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -52,6 +53,15 @@ public:
                  "\"");
         }
         return n * multiplier;
+    }
+
+    /// A TCP port value: 1 to 65535, or 0 too when `allow_zero` (a server: any free port).
+    std::uint16_t port_value(bool allow_zero) {
+        std::size_t port = size_value();
+        if (port > 65535 || (port == 0 && !allow_zero)) {
+            fail(allow_zero ? "--port must be 0 to 65535" : "--port must be 1 to 65535");
+        }
+        return static_cast<std::uint16_t>(port);
     }
 
     /// Prints `why` and the usage, exits 64 (EX_USAGE).

@@ -484,11 +484,7 @@ options parse(int argc, char** argv) {
         if (a.is("--host")) {
             o.host = a.value();
         } else if (a.is("--port")) {
-            std::size_t port = a.size_value();
-            if (port == 0 || port > 65535) {
-                a.fail("--port must be 1 to 65535");
-            }
-            o.port = static_cast<int>(port);
+            o.port = a.port_value(false);
         } else if (a.is("--conns")) {
             o.conns = a.size_value();
         } else if (a.is("--size")) {

@@ -36,21 +36,6 @@ struct options {
     std::chrono::seconds timeout{60};
 };
 
-// asynchat's simple_producer, tracing each more() like the seed's EchoProducer.
-class traced_producer {
-public:
-    traced_producer(std::string_view data, std::size_t chunk) : inner_(std::string(data), chunk) {}
-    std::string_view more() {
-        std::string_view chunk = inner_.more();
-        log(log_level::trace, "EchoProducer: more() -> ({} bytes) {}", chunk.size(),
-            echo::preview(chunk));
-        return chunk;
-    }
-
-private:
-    simple_producer inner_;
-};
-
 enum class outcome { ok = 0, mismatch = 1, failure = 2 };
 
 // One exchange: command, payload through a producer, then exactly as many bytes back.
@@ -58,7 +43,7 @@ task<outcome> exchange(channel& ch, const options& opts) {
     const std::string& message = opts.message;
     ch.push(echo::echo_command(message.size()));
     if (log_enabled(log_level::trace)) {
-        ch.push(traced_producer(message, opts.chunk));
+        ch.push(echo::traced_producer(message, opts.chunk));
     } else {
         ch.push(simple_producer(message, opts.chunk));
     }
@@ -111,22 +96,15 @@ task<outcome> run_client(io_context& ctx, options opts) {
 options parse(int argc, char** argv) {
     options o;
     cli::args a(argc, argv, usage);
-    bool have_message = false;
     while (a.next()) {
         if (a.is("--host")) {
             o.host = a.value();
         } else if (a.is("--port")) {
-            std::size_t port = a.size_value();
-            if (port == 0 || port > 65535) {
-                a.fail("--port must be 1 to 65535");
-            }
-            o.port = static_cast<int>(port);
+            o.port = a.port_value(false);
         } else if (a.is("--message")) {
             o.message = a.value();
-            have_message = true;
         } else if (a.is("--size")) {
             o.message = echo::make_message(a.size_value());
-            have_message = true;
         } else if (a.is("--file")) {
             std::string path(a.value());
             std::ifstream in(path, std::ios::binary);
@@ -134,7 +112,6 @@ options parse(int argc, char** argv) {
                 a.fail("cannot read " + path);
             }
             o.message.assign(std::istreambuf_iterator<char>(in), {});
-            have_message = true;
         } else if (a.is("--chunk")) {
             o.chunk = a.size_value();
             if (o.chunk == 0) {
@@ -157,7 +134,6 @@ options parse(int argc, char** argv) {
     if (o.port < 0) {
         a.fail("--port is required");
     }
-    (void)have_message; // without one, the seed's lorem-ipsum message is sent
     return o;
 }
 

@@ -12,20 +12,6 @@ using namespace ringchat;
 
 namespace {
 
-class traced_producer {
-public:
-    traced_producer(std::string_view data, std::size_t chunk) : inner_(std::string(data), chunk) {}
-    std::string_view more() {
-        std::string_view chunk = inner_.more();
-        log(log_level::trace, "EchoProducer: more() -> ({} bytes) {}", chunk.size(),
-            echo::preview(chunk));
-        return chunk;
-    }
-
-private:
-    simple_producer inner_;
-};
-
 // Accepts one connection and serves it with the same handler echo_server uses.
 task<void> server(listener& l) {
     stream s = co_await l.accept();
@@ -39,7 +25,7 @@ task<bool> client(io_context& ctx, address server_address, std::string_view mess
     log(log_level::trace, "EchoClient: connected; pushing \"ECHO {}\" and a producer",
         message.size());
     ch.push(echo::echo_command(message.size()));
-    ch.push(traced_producer(message, 64));
+    ch.push(echo::traced_producer(message, 64));
     std::string_view reply = co_await ch.read_exact(message.size());
     log(log_level::trace, "EchoClient: read_exact({}) -> ({} bytes) {}", message.size(),
         reply.size(), echo::preview(reply));

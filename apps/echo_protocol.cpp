@@ -53,6 +53,12 @@ std::string preview(std::string_view bytes) {
     return out;
 }
 
+std::string_view traced_producer::more() {
+    std::string_view chunk = inner_.more();
+    log(log_level::trace, "EchoProducer: more() -> ({} bytes) {}", chunk.size(), preview(chunk));
+    return chunk;
+}
+
 std::string make_message(std::size_t size) {
     std::string message;
     message.reserve(size);

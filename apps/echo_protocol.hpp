@@ -56,6 +56,17 @@ struct server_config {
 /// Never throws: failures are logged with the peer's address.
 ringchat::task<void> serve_connection(ringchat::channel ch, server_config config);
 
+/// asynchat's simple_producer, tracing each more() at log level trace like the seed's
+/// EchoProducer ("EchoProducer: more() -> (64 bytes) ...").
+class traced_producer {
+public:
+    traced_producer(std::string_view data, std::size_t chunk) : inner_(std::string(data), chunk) {}
+    std::string_view more();
+
+private:
+    ringchat::simple_producer inner_;
+};
+
 /// A short, printable preview of `bytes` for trace lines ("Lorem ipsum..." with escapes).
 std::string preview(std::string_view bytes);
 

@@ -140,11 +140,7 @@ options parse(int argc, char** argv) {
         if (a.is("--host")) {
             o.host = a.value();
         } else if (a.is("--port")) {
-            std::size_t port = a.size_value();
-            if (port > 65535) {
-                a.fail("--port must be 0 to 65535");
-            }
-            o.port = static_cast<std::uint16_t>(port);
+            o.port = a.port_value(true);
         } else if (a.is("--keep-alive")) {
             o.config.keep_alive = true;
         } else if (a.is("--raw")) {

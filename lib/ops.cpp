@@ -144,7 +144,7 @@ bool shutdown_awaiter::await_suspend(std::coroutine_handle<> h) noexcept {
 }
 
 sleep_awaiter::sleep_awaiter(io_context& ctx, std::chrono::nanoseconds duration) noexcept
-    : op_options(ctx, "sleep", nullptr) {
+    : awaiter_options(ctx, "sleep", nullptr) {
     auto ns = duration.count() < 0 ? 0 : duration.count();
     duration_.tv_sec = ns / 1'000'000'000;
     duration_.tv_nsec = ns % 1'000'000'000;

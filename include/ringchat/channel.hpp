@@ -121,27 +121,8 @@ private:
     bool no_shared_buffer_ = false; // the provided buffers ran out: use the channel's own
 };
 
-/// Adds with_timeout() and cancel_on() to a read awaiter, returning it by value.
 template <typename Derived>
-class read_options : public read_awaiter {
-public:
-    /// Fails the whole read with errc::timed_out if it has not completed after `timeout`
-    /// (one deadline for all the receives it takes). Nothing is consumed then.
-    [[nodiscard]] Derived with_timeout(std::chrono::nanoseconds timeout) && noexcept {
-        set_deadline(timeout);
-        return static_cast<Derived&&>(*this);
-    }
-    /// Lets `source` cancel the read (errc::cancelled, nothing consumed). `source` must
-    /// outlive the co_await.
-    [[nodiscard]] Derived cancel_on(cancel_source& source) && noexcept {
-        set_cancel(source);
-        return static_cast<Derived&&>(*this);
-    }
-
-protected:
-    using read_awaiter::read_awaiter;
-    explicit read_options(const read_awaiter& base) noexcept : read_awaiter(base) {}
-};
+using read_options = awaiter_options<Derived, read_awaiter>;
 
 class [[nodiscard]] read_string_awaiter;
 
@@ -149,7 +130,7 @@ class [[nodiscard]] read_string_awaiter;
 /// read on the channel starts), or into the caller's span for read_exact(span).
 class [[nodiscard]] read_view_awaiter : public read_options<read_view_awaiter> {
 public:
-    using read_options::read_options;
+    using awaiter_options::awaiter_options;
     std::string_view await_resume() { return finish(); }
     /// The same read, yielding an owned std::string instead of a view.
     [[nodiscard]] read_string_awaiter owned() && noexcept;
@@ -158,8 +139,8 @@ public:
 /// A read whose result is copied into a std::string the caller owns.
 class [[nodiscard]] read_string_awaiter : public read_options<read_string_awaiter> {
 public:
-    using read_options::read_options;
-    explicit read_string_awaiter(const read_awaiter& base) noexcept : read_options(base) {}
+    using awaiter_options::awaiter_options;
+    explicit read_string_awaiter(const read_awaiter& base) noexcept : awaiter_options(base) {}
     std::string await_resume() { return std::string(finish()); }
 };
 
@@ -170,7 +151,7 @@ inline read_string_awaiter read_view_awaiter::owned() && noexcept {
 /// skip and skip_until: yields how many bytes were discarded.
 class [[nodiscard]] skip_awaiter : public read_options<skip_awaiter> {
 public:
-    using read_options::read_options;
+    using awaiter_options::awaiter_options;
     std::size_t await_resume() {
         finish();
         return skipped();

@@ -129,26 +129,33 @@ private:
     bool cancelled_ = false; // a cancel_source asked for it: -ECANCELED means cancelled
 };
 
-/// Adds with_timeout() and cancel_on() to an awaiter type, returning it by value so the
-/// result can be awaited directly: `co_await s.recv(buf).with_timeout(2s)`.
-template <typename Derived>
-class op_options : public op_awaiter {
+/// Adds with_timeout() and cancel_on() to an awaiter `Base` (an operation, or a channel read,
+/// which provides set_deadline and set_cancel), returning the awaiter by value so the result
+/// can be awaited directly: `co_await s.recv(buf).with_timeout(2s)`.
+template <typename Derived, typename Base>
+class awaiter_options : public Base {
 public:
-    /// Fails the operation with errc::timed_out if it has not completed after `timeout`
-    /// (an IORING_OP_LINK_TIMEOUT linked to it).
+    /// Fails with errc::timed_out if the operation has not completed after `timeout` (an
+    /// IORING_OP_LINK_TIMEOUT linked to it; for a channel read, one deadline for all the
+    /// receives it takes, and nothing is consumed).
     [[nodiscard]] Derived with_timeout(std::chrono::nanoseconds timeout) && noexcept {
-        set_deadline(timeout);
+        this->set_deadline(timeout);
         return static_cast<Derived&&>(*this);
     }
-    /// Lets `source` cancel the operation; `source` must outlive the co_await.
+    /// Lets `source` cancel the operation (errc::cancelled); `source` must outlive the
+    /// co_await.
     [[nodiscard]] Derived cancel_on(cancel_source& source) && noexcept {
-        set_cancel(source);
+        this->set_cancel(source);
         return static_cast<Derived&&>(*this);
     }
 
 protected:
-    using op_awaiter::op_awaiter;
+    using Base::Base;
+    explicit awaiter_options(const Base& base) noexcept : Base(base) {}
 };
+
+template <typename Derived>
+using op_options = awaiter_options<Derived, op_awaiter>;
 
 /// Fills an accept SQE that stores the peer's address in `peer`.
 void prepare_accept(io_uring_sqe* sqe, int listen_fd, address::storage& peer) noexcept;
@@ -185,7 +192,7 @@ public:
 class [[nodiscard]] connect_awaiter : public op_options<connect_awaiter> {
 public:
     connect_awaiter(io_context& ctx, int fd, const address& to) noexcept
-        : op_options(ctx, "connect to", &to), fd_(fd), to_(&to) {}
+        : awaiter_options(ctx, "connect to", &to), fd_(fd), to_(&to) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     void await_resume() const { checked_result(); }
 
@@ -198,7 +205,7 @@ class [[nodiscard]] recv_awaiter : public op_options<recv_awaiter> {
 public:
     recv_awaiter(io_context& ctx, int fd, void* data, std::size_t size,
                  const address* peer) noexcept
-        : op_options(ctx, "recv from", peer), fd_(fd), data_(data), size_(size) {}
+        : awaiter_options(ctx, "recv from", peer), fd_(fd), data_(data), size_(size) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     /// Bytes received; 0 means the peer closed its side (EOF).
     std::size_t await_resume() const { return static_cast<std::size_t>(checked_result()); }
@@ -212,7 +219,7 @@ private:
 class [[nodiscard]] read_fd_awaiter : public op_options<read_fd_awaiter> {
 public:
     read_fd_awaiter(io_context& ctx, int fd, void* data, std::size_t size) noexcept
-        : op_options(ctx, "read", nullptr), fd_(fd), data_(data), size_(size) {}
+        : awaiter_options(ctx, "read", nullptr), fd_(fd), data_(data), size_(size) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     /// Bytes read; 0 at end of file.
     std::size_t await_resume() const { return static_cast<std::size_t>(checked_result()); }
@@ -227,7 +234,7 @@ class [[nodiscard]] send_awaiter : public op_options<send_awaiter> {
 public:
     send_awaiter(io_context& ctx, int fd, const void* data, std::size_t size,
                  const address* peer) noexcept
-        : op_options(ctx, "send to", peer), fd_(fd), data_(data), size_(size) {}
+        : awaiter_options(ctx, "send to", peer), fd_(fd), data_(data), size_(size) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     /// Bytes sent, possibly fewer than asked.
     std::size_t await_resume() const { return static_cast<std::size_t>(checked_result()); }
@@ -242,7 +249,7 @@ class [[nodiscard]] sendmsg_awaiter : public op_options<sendmsg_awaiter> {
 public:
     sendmsg_awaiter(io_context& ctx, int fd, const msghdr* message,
                     const address* peer) noexcept
-        : op_options(ctx, "send to", peer), fd_(fd), message_(message) {}
+        : awaiter_options(ctx, "send to", peer), fd_(fd), message_(message) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     /// Bytes sent, possibly fewer than the iovecs hold.
     std::size_t await_resume() const { return static_cast<std::size_t>(checked_result()); }
@@ -254,7 +261,7 @@ private:
 
 class [[nodiscard]] close_awaiter : public op_options<close_awaiter> {
 public:
-    close_awaiter(io_context& ctx, int fd) noexcept : op_options(ctx, "close", nullptr), fd_(fd) {}
+    close_awaiter(io_context& ctx, int fd) noexcept : awaiter_options(ctx, "close", nullptr), fd_(fd) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     void await_resume() const { checked_result(); }
 
@@ -265,7 +272,7 @@ private:
 class [[nodiscard]] shutdown_awaiter : public op_options<shutdown_awaiter> {
 public:
     shutdown_awaiter(io_context& ctx, int fd, int how, const address* peer) noexcept
-        : op_options(ctx, "shutdown of connection to", peer), fd_(fd), how_(how) {}
+        : awaiter_options(ctx, "shutdown of connection to", peer), fd_(fd), how_(how) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     void await_resume() const { checked_result(); }
 
@@ -288,7 +295,7 @@ private:
 class [[nodiscard]] cancel_fd_awaiter : public op_options<cancel_fd_awaiter> {
 public:
     cancel_fd_awaiter(io_context& ctx, int fd) noexcept
-        : op_options(ctx, "cancel on descriptor", nullptr), fd_(fd) {}
+        : awaiter_options(ctx, "cancel on descriptor", nullptr), fd_(fd) {}
     bool await_suspend(std::coroutine_handle<> h) noexcept;
     /// How many operations were cancelled (0 if none was pending).
     int await_resume() const;
