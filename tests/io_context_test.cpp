@@ -319,3 +319,41 @@ TEST_CASE("setup_description() names the accepted setup") {
     CHECK_FALSE(ctx.setup_description().empty());
     MESSAGE("io_uring setup: ", ctx.setup_description());
 }
+
+TEST_CASE("a full submission queue and an overflowing completion queue lose no operation") {
+    // 2,000 operations through a ring of 4 SQ and 8 CQ entries: submissions wait for room,
+    // and completions beyond the CQ's size go to the kernel's overflow list and come back.
+    io_context_options options;
+    options.sq_entries = 4;
+    options.cq_entries = 8;
+    io_context ctx(options);
+    constexpr int count = 2000;
+    int finished = 0;
+    auto sleeper = [](io_context& c, int& done) -> task<void> {
+        co_await sleep_for(c, std::chrono::nanoseconds(0));
+        ++done;
+    };
+    for (int i = 0; i < count; ++i) {
+        spawn(ctx, sleeper(ctx, finished));
+    }
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    auto echo_pair = [](io_context& c, int fd_a, int fd_b, int& done) -> task<void> {
+        char out[1] = {'x'};
+        char in[1] = {};
+        co_await ops::send(c, fd_a, out, 1);
+        co_await ops::recv(c, fd_b, in, 1);
+        if (in[0] == 'x') {
+            ++done;
+        }
+    };
+    int echoed = 0;
+    for (int i = 0; i < 200; ++i) {
+        pairs.push_back(std::make_unique<test::socket_pair>());
+        spawn(ctx, echo_pair(ctx, pairs.back()->a, pairs.back()->b, echoed));
+    }
+    test::run_deadline guard(ctx, std::chrono::seconds(20));
+    ctx.run();
+    CHECK(finished == count);
+    CHECK(echoed == 200);
+    CHECK(ctx.operations_in_flight() == 0);
+}
