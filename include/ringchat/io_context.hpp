@@ -267,6 +267,11 @@ namespace detail {
 /// itself at the end. Linked into its io_context so ~io_context can destroy unfinished ones.
 class detached_promise {
 public:
+    static void* operator new(std::size_t size) { return frame_pool::allocate(size); }
+    static void operator delete(void* p, std::size_t size) noexcept {
+        frame_pool::deallocate(p, size);
+    }
+
     detached_promise(io_context& ctx, auto&&...) noexcept : ctx_(&ctx) {
         next_ = ctx.spawned_head_;
         if (next_) {

@@ -14,6 +14,79 @@ class task;
 
 namespace detail {
 
+/// Recycles coroutine frames: per-thread free lists by size class (64-byte steps up to
+/// 2 KiB, at most 256 frames each), so a server that starts a few tasks per connection
+/// reuses their frames instead of calling malloc for each. Larger frames, and every frame in
+/// AddressSanitizer builds (so it still sees use after free), go to operator new directly.
+class frame_pool {
+public:
+    static void* allocate(std::size_t size) {
+        const std::size_t cls = size_class(size);
+        if (cls < classes) {
+            lists& l = local();
+            if (free_frame* f = l.head[cls]) {
+                l.head[cls] = f->next;
+                --l.count[cls];
+                return f;
+            }
+            return ::operator new((cls + 1) * granule);
+        }
+        return ::operator new(size);
+    }
+
+    static void deallocate(void* p, std::size_t size) noexcept {
+        const std::size_t cls = size_class(size);
+        if (cls < classes) {
+            lists& l = local();
+            if (l.count[cls] < max_per_class) {
+                auto* f = static_cast<free_frame*>(p);
+                f->next = l.head[cls];
+                l.head[cls] = f;
+                ++l.count[cls];
+                return;
+            }
+        }
+        ::operator delete(p);
+    }
+
+private:
+    static constexpr std::size_t granule = 64;
+    static constexpr std::size_t classes = 32; // frames up to 2 KiB
+    static constexpr std::size_t max_per_class = 256;
+
+    struct free_frame {
+        free_frame* next;
+    };
+
+    struct lists {
+        free_frame* head[classes] = {};
+        std::size_t count[classes] = {};
+        ~lists() {
+            for (free_frame* f : head) {
+                while (f != nullptr) {
+                    free_frame* next = f->next;
+                    ::operator delete(f);
+                    f = next;
+                }
+            }
+        }
+    };
+
+    static std::size_t size_class(std::size_t size) noexcept {
+#if defined(__SANITIZE_ADDRESS__)
+        (void)size;
+        return classes; // never pooled: ASan must see frames freed
+#else
+        return (size + granule - 1) / granule - 1;
+#endif
+    }
+
+    static lists& local() noexcept {
+        thread_local lists l;
+        return l;
+    }
+};
+
 // How a task's body relates to the coroutine awaiting it. Everything runs on one thread.
 enum class task_state : unsigned char {
     not_started,
@@ -24,6 +97,11 @@ enum class task_state : unsigned char {
 
 class task_promise_base {
 public:
+    static void* operator new(std::size_t size) { return frame_pool::allocate(size); }
+    static void operator delete(void* p, std::size_t size) noexcept {
+        frame_pool::deallocate(p, size);
+    }
+
     std::suspend_always initial_suspend() noexcept { return {}; }
 
     struct final_awaiter {
