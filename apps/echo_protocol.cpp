@@ -72,11 +72,20 @@ namespace {
 
 bool tracing() { return log_enabled(log_level::trace); }
 
+// A read bounded by the idle timeout, or unbounded when it is 0.
+template <typename Read>
+Read idle_bounded(Read read, const server_config& config) {
+    if (config.idle_timeout.count() == 0) {
+        return read;
+    }
+    return std::move(read).with_timeout(config.idle_timeout);
+}
+
 // Echoes a large payload as it arrives, so memory stays bounded by the channel's
 // high-water mark instead of twice the payload.
 task<void> echo_streaming(channel& ch, std::size_t length, const server_config& config) {
     for (std::size_t remaining = length; remaining > 0;) {
-        std::string_view piece = co_await ch.read_some(remaining).with_timeout(config.idle_timeout);
+        std::string_view piece = co_await idle_bounded(ch.read_some(remaining), config);
         if (piece.empty()) {
             throw incomplete_read_error(length - remaining, length,
                                         fmt::format("payload from {}: connection closed after "
@@ -96,7 +105,7 @@ task<void> echo_commands(channel& ch, const server_config& config) {
     do {
         std::string_view command;
         try {
-            command = co_await ch.read_until("\n").with_timeout(config.idle_timeout);
+            command = co_await idle_bounded(ch.read_until("\n"), config);
         } catch (const std::system_error& e) {
             if (e.code() == errc::eof && config.keep_alive) {
                 break; // the client closed between commands: a normal end
@@ -116,7 +125,7 @@ task<void> echo_commands(channel& ch, const server_config& config) {
             co_await echo_streaming(ch, length, config);
         } else {
             std::string_view payload =
-                co_await ch.read_exact(length).with_timeout(config.idle_timeout);
+                co_await idle_bounded(ch.read_exact(length), config);
             if (tracing()) {
                 log(log_level::trace, "{}: read_exact({}) -> ({} bytes) {}; pushing it back", name,
                     length, payload.size(), preview(payload));
@@ -132,7 +141,7 @@ task<void> echo_commands(channel& ch, const server_config& config) {
 
 task<void> echo_raw(channel& ch, const server_config& config) {
     for (;;) {
-        std::string_view piece = co_await ch.read_some().with_timeout(config.idle_timeout);
+        std::string_view piece = co_await idle_bounded(ch.read_some(), config);
         if (piece.empty()) {
             break;
         }

@@ -41,7 +41,7 @@ struct server_config {
     bool keep_alive = false;                ///< serve commands until the client closes
     bool raw = false;                       ///< echo bytes as they arrive, no framing
     std::size_t max_payload = 64u << 20;    ///< longest accepted ECHO length
-    std::chrono::milliseconds idle_timeout{30'000}; ///< longest wait for a command or payload
+    std::chrono::milliseconds idle_timeout{30'000}; ///< longest wait for input; 0: no limit
     std::size_t stream_above = 1u << 20;    ///< payloads above this are echoed as they arrive
     const char* trace_name = "EchoHandler"; ///< prefix of -v trace lines
     /// Called with `finished_context` when serve_connection ends, however it ends (the

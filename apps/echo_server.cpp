@@ -29,7 +29,7 @@ const char* const usage =
     "  --keep-alive    serve ECHO commands until the client closes\n"
     "  --raw           echo bytes as they arrive, no framing (benchmark baseline)\n"
     "  --max-payload   longest ECHO length accepted (default 64M)\n"
-    "  --idle-timeout  longest wait for a command or payload bytes (default 30)\n"
+    "  --idle-timeout  longest wait for a command or payload bytes (default 30; 0: none)\n"
     "  --grace         on SIGINT/SIGTERM, how long connections may finish (default 5)\n"
     "  --threads N     N event loops, one SO_REUSEPORT listener each (default 1)\n"
     "  -v              trace every step\n";
