@@ -589,6 +589,7 @@ read_awaiter::~read_awaiter() {
         keep_received(last);
         restore_direct_bytes();
     }
+    core_->ctx->remove_timer(&deadline_);
     if (core_->reader == this) {
         core_->reader = nullptr;
     }
@@ -748,15 +749,26 @@ void read_awaiter::evaluate() noexcept {
 bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
     waiter_ = waiter;
     core_->reader = this;
-    if (has_deadline_) {
-        deadline_ = std::chrono::steady_clock::now() + timeout_;
-    }
     if (!start_receive()) {
         core_->reader = nullptr;
         restore_direct_bytes();
         return false;
     }
+    if (has_deadline_) {
+        deadline_.when = std::chrono::steady_clock::now() + timeout_;
+        deadline_.expire = &read_awaiter::deadline_passed;
+        deadline_.owner = this;
+        core_->ctx->add_timer(&deadline_);
+    }
     return true;
+}
+
+void read_awaiter::deadline_passed(timer_entry* entry) noexcept {
+    read_awaiter* r = static_cast<deadline_timer*>(entry)->owner;
+    r->timed_out_ = true;
+    if (r->in_flight_) {
+        r->core_->ctx->request_cancel(r);
+    }
 }
 
 bool read_awaiter::start_receive() noexcept {
@@ -793,7 +805,7 @@ bool read_awaiter::start_receive() noexcept {
             shared = c.ctx->receive_buffers();
         }
         if (shared != nullptr) {
-            io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
+            io_uring_sqe* sqe = c.ctx->get_sqe();
             io_uring_prep_recv(sqe, c.fd, nullptr, shared->buffer_size(), 0);
             sqe->flags |= IOSQE_BUFFER_SELECT;
             sqe->buf_group = shared->group();
@@ -817,7 +829,7 @@ bool read_awaiter::start_receive() noexcept {
         size = std::min(space.size(), std::max(want, c.opts.receive_size));
     }
     asked_ = size;
-    io_uring_sqe* sqe = c.ctx->get_sqe(has_deadline_ ? 2 : 1);
+    io_uring_sqe* sqe = c.ctx->get_sqe();
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
     return finish_start(sqe);
 }
@@ -825,9 +837,6 @@ bool read_awaiter::start_receive() noexcept {
 bool read_awaiter::finish_start(io_uring_sqe* sqe) noexcept {
     channel_core& c = *core_;
     io_uring_sqe_set_data(sqe, static_cast<completion*>(this));
-    if (has_deadline_) {
-        link_deadline(*c.ctx, sqe, deadline_, &timeout_left_);
-    }
     in_flight_ = true;
     c.ctx->operation_started();
     if (cancel_ != nullptr) {
@@ -843,7 +852,7 @@ void read_awaiter::fail_receive(int res) noexcept {
         error_ = fail_closed;
     } else if (res == -ECANCELED && cancelled_) {
         error_ = fail_cancelled;
-    } else if ((res == -ECANCELED && has_deadline_) || res == -ETIME) {
+    } else if (res == -ECANCELED && timed_out_) {
         error_ = fail_timed_out;
     } else {
         c.read_error = res; // a failed receive (a reset) fails every later read too
@@ -894,13 +903,16 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
         if (!r->keep_received({res, flags})) {
             r->error_ = -ENOMEM;
             r->state_ = state::failed;
-            c.reader = nullptr;
-            r->waiter_.resume();
-            return;
-        }
-        r->evaluate();
-        if (r->state_ == state::pending && r->start_receive()) {
-            return; // not there yet: receive again without resuming the coroutine
+        } else {
+            r->evaluate();
+            if (r->state_ == state::pending) {
+                if (r->timed_out_) {
+                    r->error_ = fail_timed_out; // the deadline passed as these bytes came
+                    r->state_ = state::failed;
+                } else if (r->start_receive()) {
+                    return; // not there yet: receive again without resuming the coroutine
+                }
+            }
         }
     } else if (res < 0 && (flags & IORING_CQE_F_BUFFER) != 0 && res != -ENOBUFS) {
         r->keep_received({res, flags}); // gives the buffer back; then fail as below
@@ -924,6 +936,7 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
     if (r->state_ == state::failed) {
         r->restore_direct_bytes();
     }
+    c.ctx->remove_timer(&r->deadline_);
     c.reader = nullptr;
     r->waiter_.resume();
 }

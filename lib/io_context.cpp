@@ -275,6 +275,79 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexc
     return final_result;
 }
 
+void io_context::add_timer(detail::timer_entry* entry) noexcept {
+    const auto now = std::chrono::steady_clock::now();
+    if (timers_ == 0) {
+        // The wheel was idle: restart it at the current time.
+        wheel_time_ = now;
+    }
+    std::size_t ahead = 0;
+    if (entry->when > wheel_time_) {
+        ahead = static_cast<std::size_t>((entry->when - wheel_time_) / wheel_tick);
+    }
+    // An entry further out than one turn wraps around: its slot comes up every turn, and
+    // it stays until a turn finds its `when` has passed.
+    entry->slot = static_cast<std::uint16_t>((wheel_pos_ + ahead) % wheel_slots);
+    detail::timer_entry*& head = wheel_[entry->slot];
+    entry->prev = nullptr;
+    entry->next = head;
+    if (head != nullptr) {
+        head->prev = entry;
+    }
+    head = entry;
+    entry->linked = true;
+    ++timers_;
+    if (!tick_armed_) {
+        arm_tick();
+    }
+}
+
+void io_context::remove_timer(detail::timer_entry* entry) noexcept {
+    if (!entry->linked) {
+        return;
+    }
+    if (entry->prev != nullptr) {
+        entry->prev->next = entry->next;
+    } else {
+        wheel_[entry->slot] = entry->next;
+    }
+    if (entry->next != nullptr) {
+        entry->next->prev = entry->prev;
+    }
+    entry->prev = entry->next = nullptr;
+    entry->linked = false;
+    --timers_;
+}
+
+void io_context::arm_tick() noexcept {
+    tick_timeout_.tv_sec = 0;
+    tick_timeout_.tv_nsec = std::chrono::nanoseconds(wheel_tick).count();
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_timeout(sqe, &tick_timeout_, 0, 0);
+    io_uring_sqe_set_data64(sqe, tick_tag);
+    tick_armed_ = true;
+}
+
+void io_context::advance_wheel() noexcept {
+    const auto now = std::chrono::steady_clock::now();
+    while (timers_ != 0 && wheel_time_ + wheel_tick <= now) {
+        detail::timer_entry* entry = wheel_[wheel_pos_];
+        while (entry != nullptr) {
+            detail::timer_entry* next = entry->next;
+            if (entry->when <= now) {
+                remove_timer(entry);
+                entry->expire(entry); // must not touch other entries (it queues a cancel)
+            }
+            entry = next;
+        }
+        wheel_pos_ = (wheel_pos_ + 1) % wheel_slots;
+        wheel_time_ += wheel_tick;
+    }
+    if (timers_ != 0 && !tick_armed_) {
+        arm_tick();
+    }
+}
+
 void io_context::arm_wake_read() noexcept {
     io_uring_sqe* sqe = get_sqe();
     io_uring_prep_read(sqe, wake_fd_, &wake_buffer_, sizeof wake_buffer_, 0);
@@ -303,6 +376,11 @@ void io_context::dispatch_completions() noexcept {
         }
         if (entry.user_data == wake_tag) {
             wake_armed_ = false;
+            continue;
+        }
+        if (entry.user_data == tick_tag) {
+            tick_armed_ = false;
+            advance_wheel();
             continue;
         }
         if ((entry.flags & IORING_CQE_F_MORE) == 0) {

@@ -607,3 +607,64 @@ TEST_CASE("when every shared receive buffer is taken, reads fall back to the cha
     CHECK(test::run_with_deadline(ctx, reader(a, b)) == "held|from b");
     CHECK(a.buffered() == "rest");
 }
+
+TEST_CASE("read deadlines on the timer wheel: short ones fire, answered reads complete") {
+    io_context ctx;
+    constexpr int count = 40;
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> channels;
+    for (int i = 0; i < count; ++i) {
+        pairs.push_back(std::make_unique<test::socket_pair>());
+        channels.push_back(make_channel(ctx, pairs.back()->release_a()));
+    }
+    // Odd channels get their frame; even ones never do and must time out.
+    for (int i = 1; i < count; i += 2) {
+        write_all(pairs[i]->b, "frame\n");
+    }
+    struct tally {
+        int timed_out = 0;
+        int answered = 0;
+    } result;
+    auto one = [](channel& ch, int index, tally& t) -> task<void> {
+        try {
+            auto frame = co_await ch.read_until("\n").with_timeout(
+                std::chrono::milliseconds(index % 2 == 0 ? 30 : 10'000));
+            t.answered += frame == "frame" ? 1 : 0;
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::timed_out);
+            ++t.timed_out;
+        }
+    };
+    auto all = [](std::vector<channel>& chans, tally& t, decltype(one) f) -> task<void> {
+        for (int i = 0; i < count; ++i) {
+            spawn(chans[i].context(), f(chans[i], i, t));
+        }
+        while (t.timed_out + t.answered < count) {
+            co_await sleep_for(chans[0].context(), std::chrono::milliseconds(5));
+        }
+    };
+    test::run_with_deadline(ctx, all(channels, result, one));
+    CHECK(result.timed_out == count / 2);
+    CHECK(result.answered == count / 2);
+}
+
+TEST_CASE("a read deadline longer than one turn of the wheel fires, and not early") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    const auto timeout = std::chrono::milliseconds(2700); // the wheel spans 2.56 s
+    auto reader = [](channel& c, std::chrono::milliseconds limit) -> task<bool> {
+        try {
+            co_await c.read_some().with_timeout(limit);
+        } catch (const std::system_error& e) {
+            co_return e.code() == errc::timed_out;
+        }
+        co_return false;
+    };
+    const auto start = std::chrono::steady_clock::now();
+    CHECK(test::run_with_deadline(ctx, reader(ch, timeout)));
+    const auto took = std::chrono::steady_clock::now() - start;
+    CHECK(took >= timeout);
+    // Not a speed limit: a deadline parked in the wrong slot fires a whole turn (2.56 s) late.
+    CHECK(took < timeout + std::chrono::milliseconds(2000));
+}

@@ -108,8 +108,12 @@ private:
     std::size_t asked_ = 0;       // size of the receive in flight
     cancel_source* cancel_ = nullptr;
     std::coroutine_handle<> waiter_;
-    std::chrono::steady_clock::time_point deadline_;
-    __kernel_timespec timeout_left_{}; // what is left of it at each receive, for the kernel
+    // The whole read's deadline, on the context's timer wheel (no kernel timer per receive).
+    struct deadline_timer : timer_entry {
+        read_awaiter* owner = nullptr;
+    };
+    static void deadline_passed(timer_entry* entry) noexcept;
+    deadline_timer deadline_;
     std::chrono::nanoseconds timeout_{};
     int error_ = 0; // -errno, or a negated ringchat::errc value below error_base
     kind kind_;
@@ -117,6 +121,7 @@ private:
     bool has_deadline_ = false;
     bool in_flight_ = false;
     bool cancelled_ = false;
+    bool timed_out_ = false; // the deadline passed while a receive was in flight
     bool into_dest_ = false; // exact_into: the receive in flight targets dest
     bool no_shared_buffer_ = false; // the provided buffers ran out: use the channel's own
 };

@@ -5,6 +5,7 @@
 #include <liburing.h>
 
 #include <atomic>
+#include <chrono>
 #include <coroutine>
 #include <cstdint>
 #include <functional>
@@ -41,6 +42,18 @@ struct send_scratch {
     static constexpr unsigned max_iovecs = 16;
     msghdr message{};
     iovec iov[max_iovecs]{};
+};
+
+/// A deadline on the context's coarse timer wheel (10 ms slots): `expire` runs on the io
+/// thread at most one slot after `when`. Registering and removing one is a list operation
+/// with no system call, unlike a linked timeout per operation; channel reads use it.
+struct timer_entry {
+    void (*expire)(timer_entry* self) noexcept = nullptr;
+    std::chrono::steady_clock::time_point when{};
+    timer_entry* prev = nullptr;
+    timer_entry* next = nullptr;
+    std::uint16_t slot = 0;
+    bool linked = false;
 };
 
 /// What the kernel reported for an operation: a CQE's res and flags.
@@ -172,6 +185,12 @@ public:
     /// caller must recycle).
     detail::cqe_result cancel_and_wait(detail::completion* target) noexcept;
 
+    /// Puts `entry` on the timer wheel (entry->when and expire set by the caller); its
+    /// expire function runs once, unless remove_timer() comes first. Io thread only.
+    void add_timer(detail::timer_entry* entry) noexcept;
+    /// Takes `entry` off the wheel if it is on it.
+    void remove_timer(detail::timer_entry* entry) noexcept;
+
     /// Scratch for one sendmsg prepared now and submitted with the next submission; null
     /// if the kernel does not promise IORING_FEAT_SUBMIT_STABLE (the caller keeps its own).
     detail::send_scratch* take_send_scratch() noexcept;
@@ -218,6 +237,9 @@ private:
     };
 
     static constexpr std::uint64_t wake_tag = 1;
+    static constexpr std::uint64_t tick_tag = 2;
+    static constexpr std::size_t wheel_slots = 256;
+    static constexpr std::chrono::milliseconds wheel_tick{10};
 
     void setup(const io_context_options& options);
     void arm_wake_read() noexcept;
@@ -226,6 +248,8 @@ private:
     void run_ready_handles() noexcept;
     void run_posted() noexcept;
     void run_flushes() noexcept;
+    void arm_tick() noexcept;
+    void advance_wheel() noexcept;
     [[nodiscard]] bool has_work() const noexcept;
 
     io_uring ring_{};
@@ -255,6 +279,12 @@ private:
     std::vector<std::function<void()>> posted_running_;
     std::atomic<bool> has_posted_{false};
 
+    detail::timer_entry* wheel_[wheel_slots] = {};
+    std::size_t wheel_pos_ = 0;
+    std::chrono::steady_clock::time_point wheel_time_{}; // start of slot wheel_pos_
+    std::size_t timers_ = 0;
+    bool tick_armed_ = false;
+    __kernel_timespec tick_timeout_{};
     detail::flush_node* flush_head_ = nullptr;
     detail::owned_node* owned_head_ = nullptr;
     detail::detached_promise* spawned_head_ = nullptr; // intrusive list of live spawned tasks

@@ -135,9 +135,10 @@ private:
 template <typename Derived, typename Base>
 class awaiter_options : public Base {
 public:
-    /// Fails with errc::timed_out if the operation has not completed after `timeout` (an
-    /// IORING_OP_LINK_TIMEOUT linked to it; for a channel read, one deadline for all the
-    /// receives it takes, and nothing is consumed).
+    /// Fails with errc::timed_out if the operation has not completed after `timeout`. For
+    /// an operation: an IORING_OP_LINK_TIMEOUT linked to it. For a channel read: one
+    /// deadline for all the receives it takes, on the context's 10 ms timer wheel (so it may
+    /// fire up to 10 ms late, and costs no system call), and nothing is consumed.
     [[nodiscard]] Derived with_timeout(std::chrono::nanoseconds timeout) && noexcept {
         this->set_deadline(timeout);
         return static_cast<Derived&&>(*this);
