@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <future>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -356,4 +357,26 @@ TEST_CASE("a full submission queue and an overflowing completion queue lose no o
     CHECK(finished == count);
     CHECK(echoed == 200);
     CHECK(ctx.operations_in_flight() == 0);
+}
+
+TEST_CASE("a thread-local io_context destroyed after the frame pool frees its tasks' frames") {
+    // Thread-local objects die in reverse order of construction. This context is built
+    // before the first coroutine frame (and so the frame pool) on its thread, so at thread
+    // exit the pool is drained first and the context frees its unfinished task's frames
+    // afterwards: they must go to operator delete, not onto the drained pool.
+    bool frames_destroyed = false;
+    std::thread worker([&frames_destroyed] {
+        thread_local std::optional<io_context> ctx;
+        ctx.emplace();
+        auto sleeper = [](io_context& c, bool* destroyed) -> task<void> {
+            struct mark {
+                bool* flag;
+                ~mark() { *flag = true; }
+            } m{destroyed};
+            co_await sleep_for(c, std::chrono::hours(1));
+        };
+        spawn(*ctx, sleeper(*ctx, &frames_destroyed));
+    });
+    worker.join();
+    CHECK(frames_destroyed);
 }

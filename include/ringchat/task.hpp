@@ -38,7 +38,7 @@ public:
         const std::size_t cls = size_class(size);
         if (cls < classes) {
             lists& l = local();
-            if (l.count[cls] < max_per_class) {
+            if (!l.closed && l.count[cls] < max_per_class) {
                 auto* f = static_cast<free_frame*>(p);
                 f->next = l.head[cls];
                 l.head[cls] = f;
@@ -58,11 +58,20 @@ private:
         free_frame* next;
     };
 
+    // Trivially destructible, so it stays usable while the thread's other thread_local and
+    // static objects are destroyed (an io_context among them may still free frames then).
     struct lists {
-        free_frame* head[classes] = {};
-        std::size_t count[classes] = {};
-        ~lists() {
-            for (free_frame* f : head) {
+        free_frame* head[classes];
+        std::size_t count[classes];
+        bool closed; // drained at thread exit: frames freed later go to operator delete
+    };
+
+    // Empties the lists when the thread ends, and closes them.
+    struct reaper {
+        lists* l;
+        ~reaper() {
+            l->closed = true;
+            for (free_frame*& f : l->head) {
                 while (f != nullptr) {
                     free_frame* next = f->next;
                     ::operator delete(f);
@@ -82,7 +91,9 @@ private:
     }
 
     static lists& local() noexcept {
-        thread_local lists l;
+        thread_local constinit lists l{};
+        thread_local reaper r{&l};
+        (void)r;
         return l;
     }
 };
