@@ -84,12 +84,13 @@ struct out_entry {
 };
 
 /// FIFO of out_entry slots in a vector used as a ring; popped slots keep their string
-/// capacity, so a steady stream of pushes allocates nothing.
+/// capacity, so a steady stream of pushes allocates nothing. The capacity is always a power
+/// of two, so positions wrap with a mask (this is on every send's path).
 class entry_ring {
 public:
     [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
     [[nodiscard]] std::size_t size() const noexcept { return count_; }
-    out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) % slots_.size()]; }
+    out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & mask()]; }
     out_entry& front() noexcept { return (*this)[0]; }
     out_entry& back() noexcept { return (*this)[count_ - 1]; }
 
@@ -102,7 +103,7 @@ public:
     }
     void pop_front() noexcept {
         front().reset();
-        head_ = (head_ + 1) % slots_.size();
+        head_ = (head_ + 1) & mask();
         --count_;
     }
     void clear() noexcept {
@@ -112,6 +113,8 @@ public:
     }
 
 private:
+    [[nodiscard]] std::size_t mask() const noexcept { return slots_.size() - 1; }
+
     void grow() {
         std::vector<out_entry> bigger(std::max<std::size_t>(4, slots_.size() * 2));
         for (std::size_t i = 0; i < count_; ++i) {
@@ -914,24 +917,21 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
                 }
             }
         }
-    } else if (res < 0 && (flags & IORING_CQE_F_BUFFER) != 0 && res != -ENOBUFS) {
-        r->keep_received({res, flags}); // gives the buffer back; then fail as below
-        r->fail_receive(res);
     } else if (res == -ENOBUFS) {
         // Every shared receive buffer is in use: receive into the channel's own this time.
         r->no_shared_buffer_ = true;
         if (r->start_receive()) {
             return;
         }
-    } else if (res == 0) {
-        ++c.stats.receives;
-        c.eof = true;
-        if ((flags & IORING_CQE_F_BUFFER) != 0) {
-            c.ctx->receive_buffers()->recycle(static_cast<std::uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT));
-        }
-        r->evaluate();
     } else {
-        r->fail_receive(res);
+        r->keep_received({res, flags}); // no data, but it may name a buffer to give back
+        if (res == 0) {
+            ++c.stats.receives;
+            c.eof = true;
+            r->evaluate();
+        } else {
+            r->fail_receive(res);
+        }
     }
     if (r->state_ == state::failed) {
         r->restore_direct_bytes();
