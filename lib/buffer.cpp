@@ -41,15 +41,20 @@ void buffer::stop_borrowing() {
     if (borrowed_ == nullptr) {
         return;
     }
-    const char* from = borrowed_ + begin_;
+    // Own storage holds nothing while borrowing (borrow() requires empty()). Allocate before
+    // letting go of the borrowed bytes, so a std::bad_alloc leaves the buffer as it was.
     const std::size_t unread = end_ - begin_;
-    borrowed_ = nullptr;
-    begin_ = end_ = 0;
-    if (unread != 0) {
-        auto space = prepare(unread);
-        std::memcpy(space.data(), from, unread);
-        commit(unread);
+    if (capacity_ < unread) {
+        const std::size_t wanted = std::max(unread, initial_);
+        storage_ = std::make_unique_for_overwrite<char[]>(wanted);
+        capacity_ = wanted;
     }
+    if (unread != 0) {
+        std::memcpy(storage_.get(), borrowed_ + begin_, unread);
+    }
+    borrowed_ = nullptr;
+    begin_ = 0;
+    end_ = unread;
 }
 
 std::span<char> buffer::prepare(std::size_t min_free) {
