@@ -18,6 +18,13 @@ COLUMNS = [
     ("rc_echo", "echo_server --keep-alive"),
 ]
 BASELINE = "uring"
+# The load generator check: (key, row label, the epoll_client key its ratios are to).
+LOADGENS = [
+    ("eb1", "echo_bench --mode raw --threads 1", "ec1"),
+    ("ec1", "epoll_client --threads 1", "ec1"),
+    ("eb2", "echo_bench --mode raw --threads 2", "ec2"),
+    ("ec2", "epoll_client --threads 2", "ec2"),
+]
 
 
 def load(path):
@@ -77,10 +84,50 @@ def machine():
     }
 
 
+def loadgen_table(runs, rounds, problems):
+    """echo_bench against the plain C epoll client: medians, each also as a ratio to
+    epoll_client at the same thread count."""
+    by = {}  # key -> [result dicts]
+    for r in runs:
+        res = r["result"]
+        by.setdefault(r["key"], [])
+        name = f"load generator check, {r['program']} --threads {r['threads']}, round {r['round']}"
+        if res is None:
+            problems.append(f"{name}: failed (exit {r['rc']})")
+            continue
+        by[r["key"]].append(res)
+        if res["errors"] or res["wrong_replies"]:
+            problems.append(f"{name}: {res['errors']} errors, {res['wrong_replies']} wrong replies")
+    metrics = [("msgs/s", "msgs_per_s"), ("client CPU µs/msg", "client_cpu_us_per_msg"),
+               ("server CPU µs/msg", "server_cpu_us_per_msg")]
+    lines = ["### Load generator check: echo_bench against a plain C epoll client", "",
+             "Both drive the liburing baseline (raw echo) with 64 connections × 64 B, pipeline 1, "
+             "pinned to the same core as echo_bench above (so with --threads 2 both threads "
+             "share it), in an order that rotates from round to round. epoll_client "
+             "(bench/baselines/epoll_client.c) is a plain C, level-triggered epoll client. "
+             "Client CPU: getrusage(RUSAGE_SELF) over the window; server CPU: utime+stime "
+             "from /proc/PID/stat; both per round trip. Ratios (in parentheses) are to "
+             "epoll_client at the same thread count."
+             + (" ±: half the spread between rounds." if rounds > 1 else ""), ""]
+    lines.append("| load generator | " + " | ".join(name for name, _ in metrics) + " |")
+    lines.append("| --- |" + " ---: |" * len(metrics))
+    for key, label, base_key in LOADGENS:
+        row = []
+        for _, field in metrics:
+            base_vals = [r[field] for r in by.get(base_key, []) if r[field] is not None]
+            base = statistics.median(base_vals) if base_vals else None
+            text, _ = cell([r[field] for r in by.get(key, [])],
+                           None if key == base_key else base, spread=rounds > 1)
+            row.append(text)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
     ap.add_argument("--memory", required=True)
+    ap.add_argument("--loadgen")  # the load generator check (JSON lines); optional
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--seconds", required=True)
     ap.add_argument("--warmup", required=True)
@@ -220,6 +267,9 @@ def main():
     lines.append("| per idle connection (bytes over the empty server) | "
                  + " | ".join(row_per) + " |")
     out.append("\n".join(lines) + "\n")
+
+    if args.loadgen:
+        out.append(loadgen_table(load(args.loadgen), args.rounds, problems))
 
     if problems:
         out.append("### Errors\n")

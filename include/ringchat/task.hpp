@@ -1,6 +1,8 @@
 #pragma once
 
 #include <coroutine>
+#include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <new>
 #include <stdexcept>
@@ -14,7 +16,7 @@ class task;
 
 namespace detail {
 
-/// Recycles coroutine frames: per-thread free lists by size class (64-byte steps up to
+/// Recycles coroutine frames: per-thread free lists by size class (16-byte steps up to
 /// 2 KiB, at most 256 frames each), so a server that starts a few tasks per connection
 /// reuses their frames instead of calling malloc for each. Larger frames, and every frame in
 /// AddressSanitizer builds (so it still sees use after free), go to operator new directly.
@@ -50,8 +52,9 @@ public:
     }
 
 private:
-    static constexpr std::size_t granule = 64;
-    static constexpr std::size_t classes = 32; // frames up to 2 KiB
+    // malloc's own granule: a frame takes no more memory from the pool than from malloc.
+    static constexpr std::size_t granule = 16;
+    static constexpr std::size_t classes = 128; // frames up to 2 KiB
     static constexpr std::size_t max_per_class = 256;
 
     struct free_frame {
@@ -62,7 +65,7 @@ private:
     // static objects are destroyed (an io_context among them may still free frames then).
     struct lists {
         free_frame* head[classes];
-        std::size_t count[classes];
+        std::uint16_t count[classes];
         bool closed; // drained at thread exit: frames freed later go to operator delete
     };
 
