@@ -72,20 +72,11 @@ namespace {
 
 bool tracing() { return log_enabled(log_level::trace); }
 
-// A read bounded by the idle timeout, or unbounded when it is 0.
-template <typename Read>
-Read idle_bounded(Read read, const server_config& config) {
-    if (config.idle_timeout.count() == 0) {
-        return read;
-    }
-    return std::move(read).with_timeout(config.idle_timeout);
-}
-
 // Echoes a large payload as it arrives, so memory stays bounded by the channel's
 // high-water mark instead of twice the payload.
-task<void> echo_streaming(channel& ch, std::size_t length, const server_config& config) {
+task<void> echo_streaming(channel& ch, std::size_t length) {
     for (std::size_t remaining = length; remaining > 0;) {
-        std::string_view piece = co_await idle_bounded(ch.read_some(remaining), config);
+        std::string_view piece = co_await ch.read_some(remaining);
         if (piece.empty()) {
             throw incomplete_read_error(length - remaining, length,
                                         fmt::format("payload from {}: connection closed after "
@@ -96,58 +87,6 @@ task<void> echo_streaming(channel& ch, std::size_t length, const server_config& 
         remaining -= piece.size();
         co_await ch.write(piece);
     }
-}
-
-// The seed's EchoHandler as one straight-line coroutine: read the command, switch to a
-// byte count, echo, close when everything is sent.
-task<void> echo_commands(channel& ch, const server_config& config) {
-    const char* name = config.trace_name;
-    do {
-        std::string_view command;
-        try {
-            command = co_await idle_bounded(ch.read_until("\n"), config);
-        } catch (const std::system_error& e) {
-            if (e.code() == errc::eof && config.keep_alive) {
-                break; // the client closed between commands: a normal end
-            }
-            throw;
-        }
-        if (tracing()) {
-            log(log_level::trace, "{}: read_until(\"\\n\") -> ({} bytes) {}", name, command.size(),
-                preview(command));
-        }
-        std::size_t length = parse_echo_command(command, config.max_payload);
-        if (tracing()) {
-            log(log_level::trace, "{}: command ECHO {}: switching to read_exact({})", name, length,
-                length);
-        }
-        if (length > config.stream_above) {
-            co_await echo_streaming(ch, length, config);
-        } else {
-            std::string_view payload =
-                co_await idle_bounded(ch.read_exact(length), config);
-            if (tracing()) {
-                log(log_level::trace, "{}: read_exact({}) -> ({} bytes) {}; pushing it back", name,
-                    length, payload.size(), preview(payload));
-            }
-            ch.push(payload);
-        }
-    } while (config.keep_alive);
-    if (tracing()) {
-        log(log_level::trace, "{}: close_when_done()", name);
-    }
-    co_await ch.close_when_done();
-}
-
-task<void> echo_raw(channel& ch, const server_config& config) {
-    for (;;) {
-        std::string_view piece = co_await idle_bounded(ch.read_some(), config);
-        if (piece.empty()) {
-            break;
-        }
-        co_await ch.write(piece);
-    }
-    co_await ch.close_when_done();
 }
 
 // Says what went wrong, to the peer when the protocol allows it, then closes only this
@@ -161,46 +100,122 @@ void reply_error(channel& ch, std::string_view reason) {
     }
 }
 
+// Logs the exception being handled, and answers the peer where the protocol has an answer.
+// Called from a catch block. A plain function, so the handler's coroutine frame holds none
+// of this (the peer's address is only formatted here, when something went wrong).
+void report_failure(channel& ch, const server_config& config) noexcept {
+    try {
+        try {
+            throw;
+        } catch (const protocol_error& e) {
+            log(log_level::warn, "{}: bad request: {}", ch.peer().to_string(), e.what());
+            reply_error(ch, e.what());
+        } catch (const frame_too_large_error& e) {
+            log(log_level::warn, "{}: command line longer than {} bytes", ch.peer().to_string(),
+                e.limit());
+            reply_error(ch, fmt::format("command line longer than {} bytes", e.limit()));
+        } catch (const incomplete_read_error& e) {
+            log(log_level::warn, "{}: client disconnected mid-payload ({} of {} bytes)",
+                ch.peer().to_string(), e.received(), e.expected());
+        } catch (const std::system_error& e) {
+            if (e.code() == errc::timed_out) {
+                log(log_level::info, "{}: idle for {} ms, closing", ch.peer().to_string(),
+                    config.idle_timeout.count());
+                reply_error(ch, "idle timeout");
+            } else if (e.code() == errc::eof) {
+                log(log_level::info, "{}: client closed before sending a command",
+                    ch.peer().to_string());
+            } else {
+                log(log_level::info, "{}: {}", ch.peer().to_string(), e.what());
+            }
+        } catch (const std::exception& e) {
+            log(log_level::error, "{}: unexpected failure: {}", ch.peer().to_string(), e.what());
+        }
+    } catch (...) {
+        // Formatting the report failed (out of memory): the connection closes regardless.
+    }
+}
+
+// Runs the server's on_finished callback however the handler ends.
+struct finished_notice {
+    const server_config& config;
+    ~finished_notice() {
+        if (config.on_finished != nullptr) {
+            config.on_finished(config.finished_context);
+        }
+    }
+};
+
+// Raw mode: echoes bytes as they arrive.
+task<void> serve_raw(channel ch, const server_config& config) {
+    finished_notice notice{config};
+    ch.set_read_timeout(config.idle_timeout);
+    try {
+        for (;;) {
+            std::string_view piece = co_await ch.read_some();
+            if (piece.empty()) {
+                break;
+            }
+            co_await ch.write(piece);
+        }
+        co_await ch.close_when_done();
+    } catch (...) {
+        report_failure(ch, config);
+    }
+}
+
+// The seed's EchoHandler as one straight-line coroutine: read the command, switch to a
+// byte count, echo, close when everything is sent (with keep_alive: the next command).
+task<void> serve_commands(channel ch, const server_config& config) {
+    finished_notice notice{config};
+    ch.set_read_timeout(config.idle_timeout);
+    try {
+        do {
+            std::string_view command;
+            try {
+                command = co_await ch.read_until("\n");
+            } catch (const std::system_error& e) {
+                if (e.code() == errc::eof && config.keep_alive) {
+                    break; // the client closed between commands: a normal end
+                }
+                throw;
+            }
+            if (tracing()) {
+                log(log_level::trace, "{}: read_until(\"\\n\") -> ({} bytes) {}",
+                    config.trace_name, command.size(), preview(command));
+            }
+            std::size_t length = parse_echo_command(command, config.max_payload);
+            if (tracing()) {
+                log(log_level::trace, "{}: command ECHO {}: switching to read_exact({})",
+                    config.trace_name, length, length);
+            }
+            if (length > config.stream_above) {
+                co_await echo_streaming(ch, length);
+                continue;
+            }
+            std::string_view payload = co_await ch.read_exact(length);
+            if (tracing()) {
+                log(log_level::trace, "{}: read_exact({}) -> ({} bytes) {}; pushing it back",
+                    config.trace_name, length, payload.size(), preview(payload));
+            }
+            ch.push(payload);
+        } while (config.keep_alive);
+        if (tracing()) {
+            log(log_level::trace, "{}: close_when_done()", config.trace_name);
+        }
+        co_await ch.close_when_done();
+    } catch (...) {
+        report_failure(ch, config);
+    }
+}
+
 } // namespace
 
-task<void> serve_connection(channel ch, server_config config) {
-    struct notify_on_exit {
-        const server_config& config;
-        ~notify_on_exit() {
-            if (config.on_finished != nullptr) {
-                config.on_finished(config.finished_context);
-            }
-        }
-    } notify{config};
-    const std::string peer = ch.peer().to_string();
-    try {
-        if (config.raw) {
-            co_await echo_raw(ch, config);
-        } else {
-            co_await echo_commands(ch, config);
-        }
-        co_return;
-    } catch (const protocol_error& e) {
-        log(log_level::warn, "{}: bad request: {}", peer, e.what());
-        reply_error(ch, e.what());
-    } catch (const frame_too_large_error& e) {
-        log(log_level::warn, "{}: command line longer than {} bytes", peer, e.limit());
-        reply_error(ch, fmt::format("command line longer than {} bytes", e.limit()));
-    } catch (const incomplete_read_error& e) {
-        log(log_level::warn, "{}: client disconnected mid-payload ({} of {} bytes)", peer,
-            e.received(), e.expected());
-    } catch (const std::system_error& e) {
-        if (e.code() == errc::timed_out) {
-            log(log_level::info, "{}: idle for {} ms, closing", peer, config.idle_timeout.count());
-            reply_error(ch, "idle timeout");
-        } else if (e.code() == errc::eof) {
-            log(log_level::info, "{}: client closed before sending a command", peer);
-        } else {
-            log(log_level::info, "{}: {}", peer, e.what());
-        }
-    } catch (const std::exception& e) {
-        log(log_level::error, "{}: unexpected failure: {}", peer, e.what());
-    }
+// Not a coroutine itself: each mode is one coroutine frame, the only one an idle
+// connection holds besides the channel. The idle timeout is the channel's read timeout,
+// so the reads need no deadline of their own.
+task<void> serve_connection(channel ch, const server_config& config) {
+    return config.raw ? serve_raw(std::move(ch), config) : serve_commands(std::move(ch), config);
 }
 
 } // namespace echo

@@ -53,8 +53,10 @@ struct server_config {
 
 /// Serves one connection: the seed's handler (one ECHO, then close), or with keep_alive
 /// many, or raw echo. Answers bad input with "ERROR <reason>\n" and a lingering close.
-/// Never throws: failures are logged with the peer's address.
-ringchat::task<void> serve_connection(ringchat::channel ch, server_config config);
+/// Sets the channel's read timeout to config.idle_timeout. Never throws: failures are
+/// logged with the peer's address. `config` is referred to, not copied (one copy per
+/// connection would be memory every idle connection holds): it must outlive the task.
+ringchat::task<void> serve_connection(ringchat::channel ch, const server_config& config);
 
 /// asynchat's simple_producer, tracing each more() at log level trace like the seed's
 /// EchoProducer ("EchoProducer: more() -> (64 bytes) ...").

@@ -130,7 +130,19 @@ private:
     std::size_t count_ = 0;
 };
 
-struct channel_core final : flush_node, owned_node {
+/// How far the channel's current read got (one read at a time, so it lives here rather than
+/// in every read awaiter's coroutine frame). Reset when a read starts.
+struct read_progress {
+    std::size_t searched = 0;    // until: bytes of the buffer known not to start the terminator
+    std::size_t frame_size = 0;  // the frame found
+    std::size_t from_buffer = 0; // exact_into: bytes copied from the input buffer
+    std::size_t direct = 0;      // exact_into: bytes received straight into dest
+    std::size_t skipped = 0;     // skip, skip_until
+    std::size_t asked = 0;       // size of the receive in flight
+};
+
+// The timer_entry base is the current read's deadline on the context's timer wheel.
+struct channel_core final : flush_node, owned_node, timer_entry {
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
 
     struct member_op : completion {
@@ -165,6 +177,7 @@ struct channel_core final : flush_node, owned_node {
     channel_stats stats;
 
     read_awaiter* reader = nullptr;
+    read_progress progress;
     int read_error = 0; // sticky failure of a receive (-errno)
     bool eof = false;
     bool aborted = false; // close() was called
@@ -242,6 +255,10 @@ struct channel_core final : flush_node, owned_node {
         }
         pb->recycle(bid);
     }
+
+    // The current read's deadline passed: it fails with errc::timed_out once its receive
+    // is back from the kernel (or at once, between receives).
+    static void read_deadline_passed(timer_entry* self) noexcept;
 
     static void flush_thunk(flush_node* self) noexcept { static_cast<channel_core*>(self)->flush(); }
     static void destroy_thunk(owned_node* self) noexcept {
@@ -572,15 +589,13 @@ struct channel_core final : flush_node, owned_node {
 
 // ---------------------------------------------------------------- read_awaiter
 
-read_awaiter::read_awaiter(channel_core* core, kind k, std::string_view term, std::size_t count,
-                           char* dest) noexcept
-    : completion{&read_awaiter::complete}, core_(core), term_(term), dest_(dest), count_(count),
-      kind_(k) {}
+read_awaiter::read_awaiter(channel_core* core, kind k, const char* ptr, std::size_t count) noexcept
+    : completion{&read_awaiter::complete}, core_(core), ptr_(ptr), count_(count), kind_(k) {}
 
 read_awaiter::read_awaiter(const read_awaiter& other) noexcept
-    : completion{other.on_complete}, core_(other.core_), term_(other.term_), dest_(other.dest_),
-      count_(other.count_), cancel_(other.cancel_), timeout_(other.timeout_),
-      kind_(other.kind_), has_deadline_(other.has_deadline_) {}
+    : completion{other.on_complete}, core_(other.core_), ptr_(other.ptr_), count_(other.count_),
+      cancel_(other.cancel_), timeout_(other.timeout_), kind_(other.kind_),
+      has_deadline_(other.has_deadline_) {}
 
 read_awaiter::~read_awaiter() {
     if (in_flight_) {
@@ -592,7 +607,7 @@ read_awaiter::~read_awaiter() {
         keep_received(last);
         restore_direct_bytes();
     }
-    core_->ctx->remove_timer(&deadline_);
+    disarm_deadline();
     if (core_->reader == this) {
         core_->reader = nullptr;
     }
@@ -600,6 +615,15 @@ read_awaiter::~read_awaiter() {
         cancel_->detach(this);
     }
     core_->maybe_delete(); // the channel may have been dropped while this read was pending
+}
+
+std::size_t read_awaiter::skipped() const noexcept { return core_->progress.skipped; }
+
+void read_awaiter::disarm_deadline() noexcept {
+    if (deadline_armed_) {
+        deadline_armed_ = false;
+        core_->ctx->remove_timer(core_);
+    }
 }
 
 void read_awaiter::set_deadline(std::chrono::nanoseconds timeout) noexcept {
@@ -634,6 +658,7 @@ bool read_awaiter::await_ready() {
         return true;
     }
     core_->release_consumed_borrow(); // views from the previous read end here
+    core_->progress = {};
     if (kind_ == kind::exact && count_ > core_->opts.max_buffer) {
         error_ = fail_too_large;
         state_ = state::failed;
@@ -641,9 +666,9 @@ bool read_awaiter::await_ready() {
     }
     if (kind_ == kind::exact_into) {
         std::string_view have = core_->input.data();
-        from_buffer_ = std::min(have.size(), count_);
-        if (from_buffer_ != 0) {
-            std::memcpy(dest_, have.data(), from_buffer_);
+        core_->progress.from_buffer = std::min(have.size(), count_);
+        if (core_->progress.from_buffer != 0) {
+            std::memcpy(dest(), have.data(), core_->progress.from_buffer);
         }
     }
     evaluate();
@@ -652,26 +677,26 @@ bool read_awaiter::await_ready() {
 
 void read_awaiter::evaluate() noexcept {
     channel_core& c = *core_;
+    read_progress& p = c.progress;
     std::string_view data = c.input.data();
     switch (kind_) {
     case kind::until:
     case kind::skip_until: {
-        const std::size_t t = term_.size();
-        if (data.size() > searched_) {
-            c.stats.bytes_searched += data.size() - searched_;
+        const std::size_t t = count_;
+        if (data.size() > p.searched) {
+            c.stats.bytes_searched += data.size() - p.searched;
         }
-        std::size_t pos = data.find(term_, searched_);
+        std::size_t pos = data.find(term(), p.searched);
         if (pos != std::string_view::npos) {
             if (kind_ == kind::skip_until) {
                 c.input.consume(pos + t);
-                skipped_ += pos + t;
+                p.skipped += pos + t;
                 state_ = state::done;
             } else if (pos > c.opts.max_frame) {
                 error_ = fail_too_large;
                 state_ = state::failed;
             } else {
-                frame_size_ = pos;
-                consume_size_ = pos + t;
+                p.frame_size = pos; // finish() consumes the terminator too
                 state_ = state::done;
             }
             return;
@@ -681,10 +706,10 @@ void read_awaiter::evaluate() noexcept {
         std::size_t cleared = data.size() >= t ? data.size() - t + 1 : 0;
         if (kind_ == kind::skip_until) {
             c.input.consume(cleared);
-            skipped_ += cleared;
-            searched_ = 0;
+            p.skipped += cleared;
+            p.searched = 0;
         } else {
-            searched_ = cleared;
+            p.searched = cleared;
             if (cleared > c.opts.max_frame) {
                 error_ = fail_too_large;
                 state_ = state::failed;
@@ -695,27 +720,27 @@ void read_awaiter::evaluate() noexcept {
     }
     case kind::exact:
         if (data.size() >= count_) {
-            frame_size_ = consume_size_ = count_;
+            p.frame_size = count_;
             state_ = state::done;
             return;
         }
         break;
     case kind::exact_into:
-        if (from_buffer_ + direct_ == count_) {
+        if (p.from_buffer + p.direct == count_) {
             state_ = state::done;
             return;
         }
         break;
     case kind::some:
         if (!data.empty() || c.eof) {
-            frame_size_ = consume_size_ = std::min(data.size(), count_);
+            p.frame_size = std::min(data.size(), count_);
             state_ = state::done;
             return;
         }
         break;
     case kind::to_eof:
         if (c.eof) {
-            frame_size_ = consume_size_ = data.size();
+            p.frame_size = data.size();
             state_ = state::done;
             return;
         }
@@ -726,10 +751,10 @@ void read_awaiter::evaluate() noexcept {
         }
         break;
     case kind::skip: {
-        std::size_t take = std::min(data.size(), count_ - skipped_);
+        std::size_t take = std::min(data.size(), count_ - p.skipped);
         c.input.consume(take);
-        skipped_ += take;
-        if (skipped_ == count_) {
+        p.skipped += take;
+        if (p.skipped == count_) {
             state_ = state::done;
             return;
         }
@@ -740,9 +765,9 @@ void read_awaiter::evaluate() noexcept {
         error_ = c.read_error;
         state_ = state::failed;
     } else if (c.eof) {
-        std::size_t got = kind_ == kind::exact_into ? from_buffer_ + direct_
+        std::size_t got = kind_ == kind::exact_into ? p.from_buffer + p.direct
                           : (kind_ == kind::skip || kind_ == kind::skip_until)
-                              ? skipped_
+                              ? p.skipped
                               : c.input.size();
         error_ = got == 0 ? fail_eof : fail_incomplete;
         state_ = state::failed;
@@ -757,17 +782,23 @@ bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
         restore_direct_bytes();
         return false;
     }
-    if (has_deadline_) {
-        deadline_.when = std::chrono::steady_clock::now() + timeout_;
-        deadline_.expire = &read_awaiter::deadline_passed;
-        deadline_.owner = this;
-        core_->ctx->add_timer(&deadline_);
+    const std::chrono::nanoseconds timeout = has_deadline_ ? timeout_ : core_->opts.read_timeout;
+    if (timeout.count() > 0) {
+        channel_core& c = *core_;
+        c.when = std::chrono::steady_clock::now() + timeout;
+        c.expire = &channel_core::read_deadline_passed;
+        c.ctx->add_timer(&c);
+        deadline_armed_ = true;
     }
     return true;
 }
 
-void read_awaiter::deadline_passed(timer_entry* entry) noexcept {
-    read_awaiter* r = static_cast<deadline_timer*>(entry)->owner;
+void channel_core::read_deadline_passed(timer_entry* self) noexcept {
+    read_awaiter* r = static_cast<channel_core*>(self)->reader;
+    if (r == nullptr) {
+        return;
+    }
+    r->deadline_armed_ = false;
     r->timed_out_ = true;
     if (r->in_flight_) {
         r->core_->ctx->request_cancel(r);
@@ -786,8 +817,9 @@ bool read_awaiter::start_receive() noexcept {
     if (kind_ == kind::exact_into) {
         // Everything buffered is already in dest: receive the rest straight into it.
         into_dest_ = true;
-        target = dest_ + from_buffer_ + direct_;
-        size = count_ - from_buffer_ - direct_;
+        const read_progress& p = c.progress;
+        target = dest() + p.from_buffer + p.direct;
+        size = count_ - p.from_buffer - p.direct;
     } else {
         c.release_consumed_borrow();
         const std::size_t shared_size = c.ctx->options().receive_buffer_size;
@@ -812,7 +844,7 @@ bool read_awaiter::start_receive() noexcept {
             io_uring_prep_recv(sqe, c.fd, nullptr, shared->buffer_size(), 0);
             sqe->flags |= IOSQE_BUFFER_SELECT;
             sqe->buf_group = shared->group();
-            asked_ = shared->buffer_size();
+            c.progress.asked = shared->buffer_size();
             return finish_start(sqe);
         }
         std::size_t want = c.receive_hint;
@@ -831,7 +863,7 @@ bool read_awaiter::start_receive() noexcept {
         target = space.data();
         size = std::min(space.size(), std::max(want, c.opts.receive_size));
     }
-    asked_ = size;
+    c.progress.asked = size;
     io_uring_sqe* sqe = c.ctx->get_sqe();
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
     return finish_start(sqe);
@@ -873,14 +905,14 @@ bool read_awaiter::keep_received(cqe_result last) noexcept {
     }
     const auto size = static_cast<std::size_t>(last.res);
     if (!into_dest_) {
-        core_->adapt_receive_hint(asked_, size);
+        core_->adapt_receive_hint(core_->progress.asked, size);
     }
     try {
         if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
             core_->take_provided(static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT),
                                  size);
         } else if (into_dest_) {
-            direct_ += size;
+            core_->progress.direct += size;
         } else {
             core_->input.commit(size);
         }
@@ -936,7 +968,7 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
     if (r->state_ == state::failed) {
         r->restore_direct_bytes();
     }
-    c.ctx->remove_timer(&r->deadline_);
+    r->disarm_deadline();
     c.reader = nullptr;
     r->waiter_.resume();
 }
@@ -945,13 +977,14 @@ void read_awaiter::restore_direct_bytes() noexcept {
     // read_exact(span) received these straight into dest; put them back behind the bytes
     // still buffered (which were copied but never consumed), so the channel holds exactly
     // what it would have held had the read never started.
-    if (kind_ == kind::exact_into && direct_ != 0) {
+    read_progress& p = core_->progress;
+    if (kind_ == kind::exact_into && p.direct != 0) {
         try {
-            core_->input.append(std::string_view(dest_ + from_buffer_, direct_));
+            core_->input.append(std::string_view(dest() + p.from_buffer, p.direct));
         } catch (const std::bad_alloc&) {
             core_->read_error = -ENOMEM;
         }
-        direct_ = 0;
+        p.direct = 0;
     }
 }
 
@@ -962,14 +995,15 @@ std::string_view read_awaiter::finish() {
     buffer& input = core_->input;
     switch (kind_) {
     case kind::exact_into:
-        input.consume(from_buffer_);
-        return {dest_, count_};
+        input.consume(core_->progress.from_buffer);
+        return {ptr_, count_};
     case kind::skip:
     case kind::skip_until:
         return {};
     default: {
-        std::string_view frame = input.data().substr(0, frame_size_);
-        input.consume(consume_size_);
+        const std::size_t size = core_->progress.frame_size;
+        std::string_view frame = input.data().substr(0, size);
+        input.consume(kind_ == kind::until ? size + count_ : size); // with the terminator
         return frame;
     }
     }
@@ -980,10 +1014,10 @@ void read_awaiter::throw_failure() const {
     std::string what;
     switch (kind_) {
     case kind::until:
-        what = fmt::format("read_until {:?} from {}", term_, c.peer.to_string());
+        what = fmt::format("read_until {:?} from {}", term(), c.peer.to_string());
         break;
     case kind::skip_until:
-        what = fmt::format("skip_until {:?} from {}", term_, c.peer.to_string());
+        what = fmt::format("skip_until {:?} from {}", term(), c.peer.to_string());
         break;
     case kind::exact:
     case kind::exact_into:
@@ -1005,7 +1039,7 @@ void read_awaiter::throw_failure() const {
     case fail_incomplete: {
         // read_exact(span) has put what it received back into the buffer by now.
         std::size_t got =
-            kind_ == kind::skip || kind_ == kind::skip_until ? skipped_ : c.input.size();
+            kind_ == kind::skip || kind_ == kind::skip_until ? c.progress.skipped : c.input.size();
         std::size_t expected =
             kind_ == kind::exact || kind_ == kind::exact_into || kind_ == kind::skip ? count_ : 0;
         std::string detail = expected != 0
@@ -1109,37 +1143,37 @@ detail::read_view_awaiter channel::read_until(std::string_view term) {
     if (term.empty()) {
         throw std::invalid_argument("channel::read_until: the terminator must not be empty");
     }
-    return {&core(), detail::read_awaiter::kind::until, term, 0, nullptr};
+    return {&core(), detail::read_awaiter::kind::until, term.data(), term.size()};
 }
 
 detail::read_view_awaiter channel::read_exact(std::size_t n) {
-    return {&core(), detail::read_awaiter::kind::exact, {}, n, nullptr};
+    return {&core(), detail::read_awaiter::kind::exact, nullptr, n};
 }
 
 detail::read_view_awaiter channel::read_exact(std::span<char> dest) {
-    return {&core(), detail::read_awaiter::kind::exact_into, {}, dest.size(), dest.data()};
+    return {&core(), detail::read_awaiter::kind::exact_into, dest.data(), dest.size()};
 }
 
 detail::read_view_awaiter channel::read_some(std::size_t max_bytes) {
     if (max_bytes == 0) {
         throw std::invalid_argument("channel::read_some: max_bytes must be at least 1");
     }
-    return {&core(), detail::read_awaiter::kind::some, {}, max_bytes, nullptr};
+    return {&core(), detail::read_awaiter::kind::some, nullptr, max_bytes};
 }
 
 detail::read_view_awaiter channel::read_to_eof() {
-    return {&core(), detail::read_awaiter::kind::to_eof, {}, 0, nullptr};
+    return {&core(), detail::read_awaiter::kind::to_eof, nullptr, 0};
 }
 
 detail::skip_awaiter channel::skip(std::size_t n) {
-    return {&core(), detail::read_awaiter::kind::skip, {}, n, nullptr};
+    return {&core(), detail::read_awaiter::kind::skip, nullptr, n};
 }
 
 detail::skip_awaiter channel::skip_until(std::string_view term) {
     if (term.empty()) {
         throw std::invalid_argument("channel::skip_until: the terminator must not be empty");
     }
-    return {&core(), detail::read_awaiter::kind::skip_until, term, 0, nullptr};
+    return {&core(), detail::read_awaiter::kind::skip_until, term.data(), term.size()};
 }
 
 std::string_view channel::buffered() const noexcept {
@@ -1258,6 +1292,10 @@ void channel::close() noexcept {
     c.close_fd();
     c.state = detail::channel_core::phase::closed;
     c.notify_writer();
+}
+
+void channel::set_read_timeout(std::chrono::milliseconds timeout) {
+    core().opts.read_timeout = std::max(timeout, std::chrono::milliseconds::zero());
 }
 
 std::size_t channel::input_capacity() const noexcept {

@@ -510,6 +510,47 @@ TEST_CASE("a read that times out consumes nothing and the retry gets the whole f
     CHECK(test::run_with_deadline(ctx, reader(ch, sp.b)) == "partial frame");
 }
 
+TEST_CASE("channel_options::read_timeout bounds every read that waits; with_timeout overrides it") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel_options options;
+    options.read_timeout = 30ms;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    write_all(sp.b, "one\npart");
+    auto reader = [](channel& c, int peer) -> task<std::string> {
+        // Buffered frames complete without waiting, so the timeout never applies to them.
+        std::string got(co_await c.read_until("\n"));
+        for (int i = 0; i < 2; ++i) { // the timeout applies again to each later read
+            try {
+                co_await c.read_until("\n");
+                FAIL("no timeout");
+            } catch (const std::system_error& e) {
+                CHECK(e.code() == errc::timed_out);
+            }
+            CHECK(c.buffered() == "part"); // nothing consumed
+        }
+        // A read's own deadline replaces the channel's: this one outlives 30 ms.
+        spawn(c.context(), [](io_context& ctx, int fd) -> task<void> {
+            co_await sleep_for(ctx, 100ms);
+            write_all(fd, "ial\n");
+        }(c.context(), peer));
+        got += "|" + std::string(co_await c.read_until("\n").with_timeout(10s));
+        co_return got;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ch, sp.b)) == "one|partial");
+    CHECK(ch.options().read_timeout == 30ms);
+    ch.set_read_timeout(0ms); // back to waiting for ever: the next read is not bounded
+    CHECK(ch.options().read_timeout == 0ms);
+    auto unbounded = [](channel& c, int peer) -> task<std::string> {
+        spawn(c.context(), [](io_context& ctx, int fd) -> task<void> {
+            co_await sleep_for(ctx, 100ms);
+            write_all(fd, "late\n");
+        }(c.context(), peer));
+        co_return std::string(co_await c.read_until("\n"));
+    };
+    CHECK(test::run_with_deadline(ctx, unbounded(ch, sp.b)) == "late");
+}
+
 TEST_CASE("a second concurrent read on one channel is refused") {
     io_context ctx;
     test::socket_pair sp;

@@ -40,6 +40,11 @@ struct channel_options {
     /// receives all of the reply (closing with unread input would make the kernel send a
     /// reset that can destroy it). Then the descriptor is closed.
     std::chrono::milliseconds linger = std::chrono::seconds(2);
+    /// When non-zero, every read that has to wait fails with errc::timed_out (consuming
+    /// nothing) unless it completes within this time: an idle timeout, counted per read
+    /// from when it starts waiting, on the context's 10 ms timer wheel (no system call). A
+    /// read's own with_timeout() replaces it for that read. 0: reads wait for ever.
+    std::chrono::milliseconds read_timeout{0};
 };
 
 /// Counters of one channel, for tests and benchmarks.
@@ -63,8 +68,8 @@ class read_awaiter : public completion, public cancellable {
 public:
     enum class kind : std::uint8_t { until, exact, exact_into, some, to_eof, skip, skip_until };
 
-    read_awaiter(channel_core* core, kind k, std::string_view term, std::size_t count,
-                 char* dest) noexcept;
+    // `ptr` and `count`: see ptr_ and count_ below.
+    read_awaiter(channel_core* core, kind k, const char* ptr, std::size_t count) noexcept;
     read_awaiter(const read_awaiter& other) noexcept;
     read_awaiter& operator=(const read_awaiter&) = delete;
     ~read_awaiter();
@@ -79,11 +84,12 @@ protected:
     // Throws the failure, if any; otherwise consumes the frame and returns it (a view into
     // the input buffer or the caller's span), or for skips the number of bytes skipped.
     std::string_view finish();
-    [[nodiscard]] std::size_t skipped() const noexcept { return skipped_; }
+    [[nodiscard]] std::size_t skipped() const noexcept;
     void set_deadline(std::chrono::nanoseconds timeout) noexcept;
     void set_cancel(cancel_source& source) noexcept { cancel_ = &source; }
 
 private:
+    friend struct channel_core;
     enum class state : std::uint8_t { pending, done, failed };
 
     static void complete(completion* self, int res, std::uint32_t flags) noexcept;
@@ -93,32 +99,26 @@ private:
     bool keep_received(cqe_result last) noexcept;
     void fail_receive(int res) noexcept;
     void restore_direct_bytes() noexcept;
+    void disarm_deadline() noexcept;
     [[noreturn]] void throw_failure() const;
 
+    [[nodiscard]] std::string_view term() const noexcept { return {ptr_, count_}; }
+    // read_exact(span) got ptr_ from a std::span<char>: writing through it is fine.
+    [[nodiscard]] char* dest() const noexcept { return const_cast<char*>(ptr_); }
+
+    // What a read is lives here; how far it got lives in the channel (one read at a time),
+    // so each co_await of a read costs its coroutine frame only this much.
     channel_core* core_;
-    std::string_view term_;
-    char* dest_;
-    std::size_t count_;
-    std::size_t searched_ = 0;    // bytes of the buffer known not to start the terminator
-    std::size_t frame_size_ = 0;  // size of the frame found
-    std::size_t consume_size_ = 0;
-    std::size_t from_buffer_ = 0; // exact_into: bytes copied from the input buffer
-    std::size_t direct_ = 0;      // exact_into: bytes received straight into dest
-    std::size_t skipped_ = 0;
-    std::size_t asked_ = 0;       // size of the receive in flight
+    const char* ptr_;    // until, skip_until: the terminator; exact_into: the destination
+    std::size_t count_;  // the terminator's length, or the byte count of the read
     cancel_source* cancel_ = nullptr;
     std::coroutine_handle<> waiter_;
-    // The whole read's deadline, on the context's timer wheel (no kernel timer per receive).
-    struct deadline_timer : timer_entry {
-        read_awaiter* owner = nullptr;
-    };
-    static void deadline_passed(timer_entry* entry) noexcept;
-    deadline_timer deadline_;
     std::chrono::nanoseconds timeout_{};
     int error_ = 0; // -errno, or a negated ringchat::errc value below error_base
     kind kind_;
     state state_ = state::pending;
     bool has_deadline_ = false;
+    bool deadline_armed_ = false; // the channel's read deadline is this read's
     bool in_flight_ = false;
     bool cancelled_ = false;
     bool timed_out_ = false; // the deadline passed while a receive was in flight
@@ -302,6 +302,9 @@ public:
     /// Aborts: drops queued output, cancels what is in flight and closes the descriptor now.
     /// Later reads and writes fail with errc::closed.
     void close() noexcept;
+
+    /// Sets channel_options::read_timeout from the next read on (0: reads wait for ever).
+    void set_read_timeout(std::chrono::milliseconds timeout);
 
     /// Bytes allocated for the input buffer now (0 until the first read; see keep_buffer).
     [[nodiscard]] std::size_t input_capacity() const noexcept;
