@@ -43,22 +43,6 @@ constexpr std::size_t min_entry_capacity = 32;
 
 using deadline_clock = std::chrono::steady_clock; // CLOCK_MONOTONIC
 
-// Links a timeout to `sqe` that fires at `deadline`. The kernel gets the time left as a
-// relative timeout, written to `scratch` (read by the kernel at submission): io_uring does
-// not apply a time namespace's CLOCK_MONOTONIC offset to absolute timeouts, while
-// steady_clock here does, so only relative timeouts are right inside such containers.
-void link_deadline(io_context& ctx, io_uring_sqe* sqe, deadline_clock::time_point deadline,
-                   __kernel_timespec* scratch) noexcept {
-    auto left = std::max(deadline - deadline_clock::now(), deadline_clock::duration::zero());
-    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-    scratch->tv_sec = ns / 1'000'000'000;
-    scratch->tv_nsec = ns % 1'000'000'000;
-    sqe->flags |= IOSQE_IO_LINK;
-    io_uring_sqe* timeout = io_uring_get_sqe(ctx.native());
-    io_uring_prep_link_timeout(timeout, scratch, 0);
-    io_uring_sqe_set_data64(timeout, 0);
-}
-
 // Where lingering connections put input they discard. Shared: nobody reads it.
 char discard_area[16 * 1024];
 
@@ -130,6 +114,47 @@ private:
     std::size_t count_ = 0;
 };
 
+/// The peer's address, kept for messages: in 32 bytes when it is IPv4 or IPv6 (what a
+/// server's connections have), on the heap for anything longer (a Unix socket's path).
+class peer_address {
+public:
+    explicit peer_address(const address& a) {
+        if (a.native_size() <= sizeof(inline_)) {
+            std::memcpy(&inline_, a.native(), a.native_size());
+            length_ = a.native_size();
+        } else {
+            inline_.heap = new address(a);
+            length_ = on_heap;
+        }
+    }
+    ~peer_address() {
+        if (length_ == on_heap) {
+            delete inline_.heap;
+        }
+    }
+    peer_address(const peer_address&) = delete;
+    peer_address& operator=(const peer_address&) = delete;
+
+    [[nodiscard]] address get() const noexcept {
+        if (length_ == on_heap) {
+            return *inline_.heap;
+        }
+        address::storage s{};
+        std::memcpy(&s.sa, &inline_, length_);
+        s.length = length_;
+        return address{s};
+    }
+
+private:
+    static constexpr socklen_t on_heap = ~socklen_t{0};
+    union {
+        sockaddr_in in4;
+        sockaddr_in6 in6;
+        address* heap;
+    } inline_{};
+    socklen_t length_ = 0;
+};
+
 /// How far the channel's current read got (one read at a time, so it lives here rather than
 /// in every read awaiter's coroutine frame). Reset when a read starts.
 struct read_progress {
@@ -141,26 +166,24 @@ struct read_progress {
     std::size_t asked = 0;       // size of the receive in flight
 };
 
-// The timer_entry base is the current read's deadline on the context's timer wheel.
-struct channel_core final : flush_node, owned_node, timer_entry {
+// The completions of the channel's own operations: bases of channel_core, so a completion
+// finds its core by a cast instead of a pointer stored in each.
+struct send_completion : completion {};
+struct close_completion : completion {}; // the shutdown, then the lingering receives
+
+// The timer_entry base is the current read's deadline on the context's timer wheel, and
+// once the handle is gone (no reads any more) the end of the linger.
+struct channel_core final : flush_node, owned_node, timer_entry, send_completion,
+                            close_completion {
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
 
-    struct member_op : completion {
-        channel_core* core = nullptr;
-    };
-
     channel_core(stream&& s, const channel_options& o)
-        : ctx(&s.context()), peer(s.peer()), opts(o), input(o.receive_size) {
+        : ctx(&s.context()), peer_addr(s.peer()), opts(o), input(o.receive_size) {
         fd = s.release();
         receive_hint = o.receive_size;
         flush_node::flush = &channel_core::flush_thunk;
         owned_node::destroy = &channel_core::destroy_thunk;
-        send_op.on_complete = &channel_core::send_done;
-        send_op.core = this;
-        shutdown_op.on_complete = &channel_core::shutdown_done;
-        shutdown_op.core = this;
-        linger_op.on_complete = &channel_core::linger_done;
-        linger_op.core = this;
+        send_completion::on_complete = &channel_core::send_done;
     }
 
     ~channel_core() { release_borrowed(); }
@@ -171,7 +194,7 @@ struct channel_core final : flush_node, owned_node, timer_entry {
     // How much the next receive asks for: doubles while receives fill all the space they
     // were given (a stream), falls back when they come back small (request/response).
     std::size_t receive_hint = 0;
-    address peer;
+    peer_address peer_addr;
     channel_options opts;
     buffer input;
     channel_stats stats;
@@ -190,16 +213,22 @@ struct channel_core final : flush_node, owned_node, timer_entry {
     std::exception_ptr producer_error;
     std::exception_ptr producer_failure; // more() threw; fails the writer when reached
     std::unique_ptr<send_scratch> own_scratch; // only where the kernel lacks SUBMIT_STABLE
-    member_op send_op;
-    member_op shutdown_op;
-    member_op linger_op;
     writer_awaiter* writer = nullptr;
-    std::chrono::steady_clock::time_point linger_deadline;
-    __kernel_timespec linger_timeout{};
     phase state = phase::open;
     bool handle_alive = true;
     bool adopted = false; // owned by the context (handle gone, work left)
     bool close_wanted = false;
+    bool linger_over = false; // the linger's time is up: no more discarding receives
+
+    [[nodiscard]] address peer() const noexcept { return peer_addr.get(); }
+    completion* send_op() noexcept { return static_cast<send_completion*>(this); }
+    completion* close_op() noexcept { return static_cast<close_completion*>(this); }
+    static channel_core* of_send(completion* op) noexcept {
+        return static_cast<channel_core*>(static_cast<send_completion*>(op));
+    }
+    static channel_core* of_close(completion* op) noexcept {
+        return static_cast<channel_core*>(static_cast<close_completion*>(op));
+    }
 
     // Gives the borrowed provided buffer back to the kernel. Views into it die here, so
     // this happens only when a new read starts or its bytes were copied out.
@@ -377,21 +406,21 @@ struct channel_core final : flush_node, owned_node, timer_entry {
     }
 
     void start_send(io_uring_sqe* sqe, std::size_t entries) noexcept {
-        io_uring_sqe_set_data(sqe, static_cast<completion*>(&send_op));
+        io_uring_sqe_set_data(sqe, send_op());
         ctx->operation_started();
         sending = true;
         in_flight_entries = entries;
     }
 
     static void send_done(completion* op, int res, std::uint32_t) noexcept {
-        static_cast<member_op*>(op)->core->on_send(res);
+        of_send(op)->on_send(res);
     }
 
     void on_send(int res) noexcept {
         sending = false;
         in_flight_entries = 0;
         if (res < 0) {
-            log(log_level::info, "channel: send to {} failed: {}", peer.to_string(),
+            log(log_level::info, "channel: send to {} failed: {}", peer().to_string(),
                 std::strerror(-res));
             fail_writer(res, nullptr);
             return;
@@ -399,7 +428,7 @@ struct channel_core final : flush_node, owned_node, timer_entry {
         ++stats.sends;
         stats.bytes_sent += static_cast<std::size_t>(res);
         if (log_enabled(log_level::trace)) {
-            log(log_level::trace, "channel {}: sent {} bytes", peer.to_string(), res);
+            log(log_level::trace, "channel {}: sent {} bytes", peer().to_string(), res);
         }
         auto remaining = static_cast<std::size_t>(res);
         for (std::size_t i = 0; remaining > 0 && i < queue.size(); ++i) {
@@ -447,12 +476,13 @@ struct channel_core final : flush_node, owned_node, timer_entry {
         state = phase::shutting_down;
         io_uring_sqe* sqe = ctx->get_sqe();
         io_uring_prep_shutdown(sqe, fd, SHUT_WR);
-        io_uring_sqe_set_data(sqe, static_cast<completion*>(&shutdown_op));
+        close_completion::on_complete = &channel_core::shutdown_done;
+        io_uring_sqe_set_data(sqe, close_op());
         ctx->operation_started();
     }
 
     static void shutdown_done(completion* op, int res, std::uint32_t) noexcept {
-        static_cast<member_op*>(op)->core->on_shutdown(res);
+        of_close(op)->on_shutdown(res);
     }
 
     void on_shutdown(int res) noexcept {
@@ -460,7 +490,7 @@ struct channel_core final : flush_node, owned_node, timer_entry {
         // ENOTCONN: the peer already reset the connection; there is nothing left to shut.
         if (res < 0 && res != -ENOTCONN) {
             log(log_level::info, "channel: shutdown of connection to {} failed: {}",
-                peer.to_string(), std::strerror(-res));
+                peer().to_string(), std::strerror(-res));
         }
         if (!handle_alive) {
             start_linger();
@@ -471,18 +501,32 @@ struct channel_core final : flush_node, owned_node, timer_entry {
     void start_linger() noexcept {
         if (state != phase::lingering) {
             state = phase::lingering;
-            linger_deadline = deadline_clock::now() + opts.linger;
+            // No read can be waiting any more (the handle is gone): the core's timer entry
+            // is free for the linger's end.
+            if (reader != nullptr) {
+                reader->deadline_armed_ = false;
+            }
+            ctx->remove_timer(this);
+            when = deadline_clock::now() + opts.linger;
+            expire = &channel_core::linger_expired;
+            ctx->add_timer(this);
         }
-        io_uring_sqe* sqe = ctx->get_sqe(2);
+        io_uring_sqe* sqe = ctx->get_sqe();
         io_uring_prep_recv(sqe, fd, discard_area, sizeof discard_area, 0);
-        io_uring_sqe_set_data(sqe, static_cast<completion*>(&linger_op));
-        link_deadline(*ctx, sqe, linger_deadline, &linger_timeout);
+        close_completion::on_complete = &channel_core::linger_done;
+        io_uring_sqe_set_data(sqe, close_op());
         ctx->operation_started();
     }
 
+    static void linger_expired(timer_entry* self) noexcept {
+        auto* core = static_cast<channel_core*>(self);
+        core->linger_over = true;
+        core->ctx->request_cancel(core->close_op());
+    }
+
     static void linger_done(completion* op, int res, std::uint32_t) noexcept {
-        channel_core* core = static_cast<member_op*>(op)->core;
-        if (res > 0) {
+        channel_core* core = of_close(op);
+        if (res > 0 && !core->linger_over) {
             core->start_linger(); // discard and keep waiting for the peer's FIN
         } else {
             core->finish();
@@ -500,6 +544,7 @@ struct channel_core final : flush_node, owned_node, timer_entry {
 
     // The connection is over: close it, and free the core if nothing refers to it.
     void finish() noexcept {
+        ctx->remove_timer(this); // the linger's end, if it was lingering
         close_fd();
         state = phase::closed;
         maybe_delete();
@@ -523,21 +568,23 @@ struct channel_core final : flush_node, owned_node, timer_entry {
             ctx->disown(this);
         }
         ctx->cancel_flush(this);
+        ctx->remove_timer(this);
         delete this;
     }
 
     // Cancels whatever the core has in flight and waits for the kernel to let go of it.
     void cancel_in_flight() noexcept {
         if (sending) {
-            ctx->cancel_and_wait(&send_op);
+            ctx->cancel_and_wait(send_op());
             sending = false;
         }
         if (state == phase::shutting_down) {
-            ctx->cancel_and_wait(&shutdown_op);
+            ctx->cancel_and_wait(close_op());
             state = phase::shut;
         }
         if (state == phase::lingering) {
-            ctx->cancel_and_wait(&linger_op);
+            ctx->cancel_and_wait(close_op());
+            ctx->remove_timer(this);
         }
     }
 
@@ -546,6 +593,7 @@ struct channel_core final : flush_node, owned_node, timer_entry {
     void destroy_now() noexcept {
         cancel_in_flight();
         ctx->cancel_flush(this);
+        ctx->remove_timer(this);
         close_fd();
         delete this;
     }
@@ -652,7 +700,7 @@ bool read_awaiter::await_ready() {
     if (core_->reader != nullptr) {
         throw std::logic_error("ringchat::channel: a read is already in progress on this channel");
     }
-    if (core_->aborted) {
+    if (core_->aborted || !core_->handle_alive) {
         error_ = fail_closed;
         state_ = state::failed;
         return true;
@@ -933,7 +981,7 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
         ++c.stats.receives;
         c.stats.bytes_received += static_cast<std::size_t>(res);
         if (log_enabled(log_level::trace)) {
-            log(log_level::trace, "channel {}: received {} bytes", c.peer.to_string(), res);
+            log(log_level::trace, "channel {}: received {} bytes", c.peer().to_string(), res);
         }
         if (!r->keep_received({res, flags})) {
             r->error_ = -ENOMEM;
@@ -1014,23 +1062,23 @@ void read_awaiter::throw_failure() const {
     std::string what;
     switch (kind_) {
     case kind::until:
-        what = fmt::format("read_until {:?} from {}", term(), c.peer.to_string());
+        what = fmt::format("read_until {:?} from {}", term(), c.peer().to_string());
         break;
     case kind::skip_until:
-        what = fmt::format("skip_until {:?} from {}", term(), c.peer.to_string());
+        what = fmt::format("skip_until {:?} from {}", term(), c.peer().to_string());
         break;
     case kind::exact:
     case kind::exact_into:
-        what = fmt::format("read_exact({}) from {}", count_, c.peer.to_string());
+        what = fmt::format("read_exact({}) from {}", count_, c.peer().to_string());
         break;
     case kind::some:
-        what = fmt::format("read_some from {}", c.peer.to_string());
+        what = fmt::format("read_some from {}", c.peer().to_string());
         break;
     case kind::to_eof:
-        what = fmt::format("read_to_eof from {}", c.peer.to_string());
+        what = fmt::format("read_to_eof from {}", c.peer().to_string());
         break;
     case kind::skip:
-        what = fmt::format("skip({}) from {}", count_, c.peer.to_string());
+        what = fmt::format("skip({}) from {}", count_, c.peer().to_string());
         break;
     }
     switch (error_) {
@@ -1092,11 +1140,12 @@ void writer_awaiter::await_resume() {
         std::rethrow_exception(c.producer_error);
     }
     if (c.write_error != 0) {
-        throw_io_error(c.write_error, "send to", &c.peer);
+        const address peer = c.peer();
+        throw_io_error(c.write_error, "send to", &peer);
     }
     if (c.aborted) {
         throw std::system_error(make_error_code(errc::closed),
-                                fmt::format("send to {}", c.peer.to_string()));
+                                fmt::format("send to {}", c.peer().to_string()));
     }
 }
 
@@ -1196,7 +1245,7 @@ void check_can_push(const detail::channel_core& c) {
         // After close() writes fail like reads do, not as a programming error: close() is
         // often called from another coroutine (a timeout) while a handler still pushes.
         throw std::system_error(make_error_code(errc::closed),
-                                fmt::format("push to {}", c.peer.to_string()));
+                                fmt::format("push to {}", c.peer().to_string()));
     }
     if (c.state != detail::channel_core::phase::open) {
         throw std::logic_error(
@@ -1303,7 +1352,7 @@ std::size_t channel::input_capacity() const noexcept {
 }
 std::size_t channel::queued_bytes() const noexcept { return core_ ? core_->queued : 0; }
 // These four require a channel that was not moved from.
-const address& channel::peer() const noexcept { return core_->peer; }
+address channel::peer() const noexcept { return core_->peer(); }
 io_context& channel::context() const noexcept { return *core_->ctx; }
 int channel::native_handle() const noexcept { return core_ ? core_->fd : -1; }
 const channel_stats& channel::stats() const noexcept { return core_->stats; }

@@ -551,6 +551,25 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
     CHECK(test::run_with_deadline(ctx, unbounded(ch, sp.b)) == "late");
 }
 
+TEST_CASE("channel::peer() gives back the address it was made with, for every family") {
+    io_context ctx;
+    const address addresses[] = {
+        address::parse("127.0.0.1:4242"),
+        address::parse("[::1]:65535"),
+        address::parse("[fe80::1:2:3:4]:1"),
+        address::unix_path("/run/ringchat/a-rather-long-path-that-needs-the-whole-sockaddr_un.sock"),
+        address::unix_path("@abstract-name"),
+        address{},
+    };
+    for (const address& a : addresses) {
+        test::socket_pair sp;
+        channel ch(stream(ctx, sp.release_a(), a));
+        CHECK(ch.peer() == a);
+        CHECK(ch.peer().to_string() == a.to_string());
+        CHECK(ch.peer().native_size() == a.native_size());
+    }
+}
+
 TEST_CASE("a second concurrent read on one channel is refused") {
     io_context ctx;
     test::socket_pair sp;

@@ -661,6 +661,47 @@ TEST_CASE("destroying a channel with queued output still delivers it, then EOF")
     test::run_with_deadline(ctx, peer_reads_reply(ctx, sp, false));
 }
 
+// A peer that never closes and keeps sending: the lingering channel discards its bytes and
+// gives up when channel_options::linger is over, closing its descriptor.
+task<void> linger_gives_up(io_context& ctx, test::socket_pair& sp,
+                           std::chrono::steady_clock::time_point before) {
+    std::string got;
+    char piece[256];
+    for (;;) { // the reply, then EOF (the channel shut down its write side)
+        ssize_t n = ::recv(sp.b, piece, sizeof piece, MSG_DONTWAIT);
+        if (n == 0) {
+            break;
+        }
+        if (n > 0) {
+            got.append(piece, static_cast<std::size_t>(n));
+        } else {
+            REQUIRE(errno == EAGAIN);
+            co_await yield(ctx);
+        }
+    }
+    CHECK(got == "reply");
+    // Still sending: discarded by the lingering channel, which does not stop for it.
+    CHECK(::send(sp.b, "more input", 10, MSG_NOSIGNAL) == 10);
+    co_await wait_until_channel_gone(ctx);
+    // Not before the linger's end (the timer wheel may be late, never early).
+    CHECK(std::chrono::steady_clock::now() - before >= 50ms);
+    CHECK(ctx.operations_in_flight() == 1);
+}
+
+TEST_CASE("a lingering channel whose peer never closes closes when the linger time is over") {
+    test::socket_pair sp;
+    io_context ctx;
+    const auto before = std::chrono::steady_clock::now();
+    {
+        channel_options options;
+        options.linger = 50ms;
+        channel ch = make_channel(ctx, sp.release_a(), options);
+        ch.push("reply"sv);
+        ch.close_when_done(); // the channel goes away at once; the context finishes it
+    }
+    test::run_with_deadline(ctx, linger_gives_up(ctx, sp, before));
+}
+
 TEST_CASE("destroying a channel in the middle of sending still delivers everything") {
     test::socket_pair sp;
     set_buffer_size(sp.a, SO_SNDBUF, 4096);

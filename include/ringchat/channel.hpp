@@ -310,8 +310,8 @@ public:
     [[nodiscard]] std::size_t input_capacity() const noexcept;
     /// Bytes pushed and not yet sent (producers count only for the chunk being sent).
     [[nodiscard]] std::size_t queued_bytes() const noexcept;
-    /// The peer's address, for messages.
-    [[nodiscard]] const address& peer() const noexcept;
+    /// The peer's address as known when the connection was made, for messages (a copy).
+    [[nodiscard]] address peer() const noexcept;
     [[nodiscard]] io_context& context() const noexcept;
     [[nodiscard]] int native_handle() const noexcept;
     [[nodiscard]] const channel_stats& stats() const noexcept;
