@@ -134,8 +134,10 @@ void io_context::setup(const io_context_options& options) {
 io_context::~io_context() {
     // Destroying a suspended task destroys its awaiters, which cancel their operations and
     // wait for the kernel to finish with them: the ring must still be alive for that.
-    while (spawned_head_ != nullptr) {
-        std::coroutine_handle<detail::detached_promise>::from_promise(*spawned_head_).destroy();
+    while (!spawned_.empty()) {
+        std::coroutine_handle<> frame = spawned_.back().frame;
+        spawned_.pop_back(); // first: a destroyed frame does not take itself off the list
+        frame.destroy();
     }
     while (owned_head_ != nullptr) {
         detail::owned_node* node = owned_head_;
@@ -513,7 +515,25 @@ void io_context::run() {
 
 namespace detail {
 
-void detached_promise::unhandled_exception() noexcept {
+std::uint32_t add_spawned(io_context& ctx, std::coroutine_handle<> frame,
+                          task_promise_base* promise) {
+    if (ctx.spawned_.size() >= UINT32_MAX) {
+        throw std::length_error("ringchat::spawn: too many tasks");
+    }
+    ctx.spawned_.push_back({frame, promise});
+    return static_cast<std::uint32_t>(ctx.spawned_.size() - 1);
+}
+
+void forget_spawned(io_context* ctx, std::uint32_t index) noexcept {
+    auto& list = ctx->spawned_;
+    if (index + 1 != list.size()) {
+        list[index] = list.back();
+        list[index].promise->set_spawn_index(index);
+    }
+    list.pop_back();
+}
+
+void report_spawned_exception() noexcept {
     try {
         throw;
     } catch (const std::exception& e) {

@@ -12,6 +12,7 @@
 #include <future>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -104,6 +105,53 @@ TEST_CASE("run() returns when no work is left") {
     CHECK(done);
     CHECK(ctx.spawned_tasks() == 0);
     CHECK(ctx.operations_in_flight() == 0);
+}
+
+namespace {
+
+// Parks the awaiting coroutine in `parked`; the test resumes it by hand.
+struct park {
+    std::vector<std::coroutine_handle<>>* parked;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> h) const { parked->push_back(h); }
+    void await_resume() const noexcept {}
+};
+
+struct count_on_exit {
+    int* count;
+    ~count_on_exit() { ++*count; }
+};
+
+task<void> parked_task(std::vector<std::coroutine_handle<>>* parked, int* ended) {
+    count_on_exit guard{ended};
+    co_await park{parked};
+}
+
+} // namespace
+
+TEST_CASE("spawned tasks that finish in any order are taken off the context's list; the rest "
+          "are destroyed with it") {
+    constexpr int count = 200;
+    int ended = 0;
+    std::vector<std::coroutine_handle<>> parked;
+    {
+        io_context ctx;
+        for (int i = 0; i < count; ++i) {
+            spawn(ctx, parked_task(&parked, &ended));
+        }
+        REQUIRE(parked.size() == count);
+        CHECK(ctx.spawned_tasks() == count);
+        // Finish the first half in a shuffled order: every removal from the middle of the
+        // list must keep the others' positions right.
+        std::vector<std::coroutine_handle<>> order(parked.begin(), parked.begin() + count / 2);
+        std::shuffle(order.begin(), order.end(), std::mt19937(12345));
+        for (std::size_t i = 0; i < order.size(); ++i) {
+            order[i].resume(); // runs to the end: the frame frees itself
+            CHECK(ctx.spawned_tasks() == count - i - 1);
+        }
+        CHECK(ended == count / 2);
+    }
+    CHECK(ended == count); // ~io_context destroyed the other half
 }
 
 TEST_CASE("stop() from another thread makes a blocked run() return") {

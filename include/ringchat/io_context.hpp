@@ -32,7 +32,12 @@ struct completion {
     void (*on_complete)(completion* self, int res, std::uint32_t flags) noexcept = nullptr;
 };
 
-class detached_promise;
+class task_promise_base;
+
+// Puts a spawned task on its context's list and returns its position (spawn; may throw
+// std::bad_alloc).
+std::uint32_t add_spawned(io_context& ctx, std::coroutine_handle<> frame,
+                          task_promise_base* promise);
 class provided_buffers;
 
 /// A sendmsg's header and iovecs. The kernel reads them only while it consumes the SQE
@@ -165,7 +170,7 @@ public:
     [[nodiscard]] std::size_t operations_in_flight() const noexcept { return in_flight_; }
 
     /// Number of spawned tasks that have not finished yet.
-    [[nodiscard]] std::size_t spawned_tasks() const noexcept { return spawned_count_; }
+    [[nodiscard]] std::size_t spawned_tasks() const noexcept { return spawned_.size(); }
 
     // ---- for awaiters (ops.hpp) and library internals; io thread only ----
 
@@ -226,9 +231,9 @@ public:
     io_uring* native() noexcept { return &ring_; }
 
 private:
-    friend class detail::detached_promise;
-    template <typename T>
-    friend void spawn(io_context& ctx, task<T> t);
+    friend std::uint32_t detail::add_spawned(io_context& ctx, std::coroutine_handle<> frame,
+                                             detail::task_promise_base* promise);
+    friend void detail::forget_spawned(io_context* ctx, std::uint32_t index) noexcept;
 
     struct cqe_copy {
         std::uint64_t user_data;
@@ -287,63 +292,16 @@ private:
     __kernel_timespec tick_timeout_{};
     detail::flush_node* flush_head_ = nullptr;
     detail::owned_node* owned_head_ = nullptr;
-    detail::detached_promise* spawned_head_ = nullptr; // intrusive list of live spawned tasks
-    std::size_t spawned_count_ = 0;
+    // Live spawned tasks, unordered: each promise knows its index (removal swaps the last in).
+    struct spawned_task {
+        std::coroutine_handle<> frame;
+        detail::task_promise_base* promise;
+    };
+    std::vector<spawned_task> spawned_;
 };
 
 namespace detail {
 
-/// The coroutine that owns a spawned task: awaits it, logs an escaping exception, and frees
-/// itself at the end. Linked into its io_context so ~io_context can destroy unfinished ones.
-class detached_promise {
-public:
-    static void* operator new(std::size_t size) { return frame_pool::allocate(size); }
-    static void operator delete(void* p, std::size_t size) noexcept {
-        frame_pool::deallocate(p, size);
-    }
-
-    detached_promise(io_context& ctx, auto&&...) noexcept : ctx_(&ctx) {
-        next_ = ctx.spawned_head_;
-        if (next_) {
-            next_->prev_ = this;
-        }
-        ctx.spawned_head_ = this;
-        ++ctx.spawned_count_;
-    }
-    ~detached_promise() {
-        if (prev_) {
-            prev_->next_ = next_;
-        } else {
-            ctx_->spawned_head_ = next_;
-        }
-        if (next_) {
-            next_->prev_ = prev_;
-        }
-        --ctx_->spawned_count_;
-    }
-
-    struct detached_task {
-        using promise_type = detached_promise;
-    };
-
-    detached_task get_return_object() noexcept { return {}; }
-    std::suspend_never initial_suspend() noexcept { return {}; }
-    std::suspend_never final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept;
-
-private:
-    friend class ringchat::io_context;
-    io_context* ctx_;
-    detached_promise* prev_ = nullptr;
-    detached_promise* next_ = nullptr;
-};
-
-template <typename T>
-detached_promise::detached_task run_detached(io_context& ctx, task<T> t) {
-    (void)ctx;
-    co_await std::move(t);
-}
 
 } // namespace detail
 
@@ -353,7 +311,20 @@ detached_promise::detached_task run_detached(io_context& ctx, task<T> t) {
 /// if any, is discarded.
 template <typename T>
 void spawn(io_context& ctx, task<T> t) {
-    detail::run_detached(ctx, std::move(t));
+    auto handle = t.release();
+    if (!handle) {
+        throw std::logic_error("spawn of an empty ringchat::task");
+    }
+    std::uint32_t index;
+    try {
+        index = detail::add_spawned(ctx, handle, &handle.promise());
+    } catch (...) {
+        handle.destroy();
+        throw;
+    }
+    // No wrapper coroutine: the task's own frame is all a spawned task costs.
+    handle.promise().make_spawned(&ctx, index);
+    handle.resume();
 }
 
 /// Runs `t` on `ctx` (driving ctx.run() until `t` finishes) and returns its value or rethrows

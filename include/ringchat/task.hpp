@@ -14,6 +14,8 @@ namespace ringchat {
 template <typename T = void>
 class task;
 
+class io_context;
+
 namespace detail {
 
 /// Recycles coroutine frames: per-thread free lists by size class (16-byte steps up to
@@ -107,7 +109,15 @@ enum class task_state : unsigned char {
     running_inline,   // started from the awaiter's await_suspend, which is still on the stack
     completed_inline, // finished before await_suspend returned: the awaiter just continues
     detached_running, // suspended once; whoever resumes it later must resume the awaiter
+    spawned,          // owned by an io_context (spawn): frees itself when it finishes
 };
+
+class task_promise_base;
+
+// spawn's bookkeeping, in io_context.cpp: a spawned task finished (it is taken off its
+// context's list), and an exception escaped one (it is logged).
+void forget_spawned(io_context* ctx, std::uint32_t index) noexcept;
+void report_spawned_exception() noexcept;
 
 class task_promise_base {
 public:
@@ -134,6 +144,11 @@ public:
                 promise.state_ = task_state::completed_inline;
                 return;
             }
+            if (promise.state_ == task_state::spawned) {
+                forget_spawned(promise.owner_, promise.spawn_index_);
+                self.destroy();
+                return;
+            }
             if (promise.continuation_) {
                 promise.continuation_.resume();
             }
@@ -144,7 +159,13 @@ public:
 
     final_awaiter final_suspend() noexcept { return {}; }
 
-    void unhandled_exception() noexcept { exception_ = std::current_exception(); }
+    void unhandled_exception() noexcept {
+        if (state_ == task_state::spawned) {
+            report_spawned_exception(); // nobody awaits it
+        } else {
+            exception_ = std::current_exception();
+        }
+    }
 
     // Starts the body from the awaiter's await_suspend. Returns true if the body suspended
     // (the awaiter must suspend too) and false if it already finished.
@@ -163,6 +184,14 @@ public:
         return state_ == task_state::completed_inline;
     }
 
+    // spawn: the task belongs to `ctx` from now on, at position `index` of its list.
+    void make_spawned(io_context* ctx, std::uint32_t index) noexcept {
+        owner_ = ctx;
+        spawn_index_ = index;
+        state_ = task_state::spawned;
+    }
+    void set_spawn_index(std::uint32_t index) noexcept { spawn_index_ = index; }
+
 protected:
     void rethrow_if_failed() const {
         if (exception_) {
@@ -171,9 +200,15 @@ protected:
     }
 
 private:
-    std::coroutine_handle<> continuation_;
+    // A spawned task has no awaiter: the slot names its context instead. Nothing is added
+    // to the frame for spawn (the index sits in what would be padding).
+    union {
+        std::coroutine_handle<> continuation_{};
+        io_context* owner_;
+    };
     std::exception_ptr exception_;
     task_state state_ = task_state::not_started;
+    std::uint32_t spawn_index_ = 0;
 };
 
 template <typename T>
