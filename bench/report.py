@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Turns bench/run's raw results (JSON lines) into markdown tables: medians over the rounds,
-each figure also as a ratio to the liburing baseline in the same row."""
+each figure also as a ratio to the liburing baseline in the same row (in the load generator
+check, to epoll_client at the same thread count)."""
 
 import argparse
 import datetime
