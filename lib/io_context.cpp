@@ -225,18 +225,18 @@ detail::send_scratch* io_context::take_send_scratch() noexcept {
     return &send_scratch_[send_scratch_used_++];
 }
 
-detail::provided_buffers* io_context::receive_buffers() noexcept {
-    if (!receive_buffers_tried_) {
-        receive_buffers_tried_ = true;
-        if (options_.receive_buffers != 0) {
-            receive_buffers_ = detail::provided_buffers::create(
-                &ring_, options_.receive_buffers, options_.receive_buffer_size, 0);
-            log(log_level::info, "io_context: {}", receive_buffers_
-                    ? fmt::format("{} provided receive buffers of {} bytes",
-                                  options_.receive_buffers, options_.receive_buffer_size)
-                    : std::string("no provided buffer ring (kernel before 5.19?); channels "
-                                  "receive into their own buffers"));
-        }
+// First use: maps the provided buffer ring (once; a failure leaves channels on their own
+// buffers).
+detail::provided_buffers* io_context::set_up_receive_buffers() noexcept {
+    receive_buffers_tried_ = true;
+    if (options_.receive_buffers != 0) {
+        receive_buffers_ = detail::provided_buffers::create(
+            &ring_, options_.receive_buffers, options_.receive_buffer_size, 0);
+        log(log_level::info, "io_context: {}", receive_buffers_
+                ? fmt::format("{} provided receive buffers of {} bytes",
+                              options_.receive_buffers, options_.receive_buffer_size)
+                : std::string("no provided buffer ring (kernel before 5.19?); channels "
+                              "receive into their own buffers"));
     }
     return receive_buffers_.get();
 }

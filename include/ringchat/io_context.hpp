@@ -202,7 +202,9 @@ public:
 
     /// The context's provided receive buffers, set up on first use; null if turned off or
     /// unsupported by the kernel.
-    detail::provided_buffers* receive_buffers() noexcept;
+    detail::provided_buffers* receive_buffers() noexcept {
+        return receive_buffers_tried_ ? receive_buffers_.get() : set_up_receive_buffers();
+    }
 
     /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
     /// -ECANCELED (or its result, if it already finished).
@@ -248,6 +250,7 @@ private:
 
     void setup(const io_context_options& options);
     void arm_wake_read() noexcept;
+    detail::provided_buffers* set_up_receive_buffers() noexcept;
     void reap() noexcept;
     void dispatch_completions() noexcept;
     void run_ready_handles() noexcept;
