@@ -130,6 +130,9 @@ void report_failure(channel& ch, const server_config& config) noexcept {
             }
         } catch (const std::exception& e) {
             log(log_level::error, "{}: unexpected failure: {}", ch.peer().to_string(), e.what());
+        } catch (...) {
+            log(log_level::error, "{}: unexpected failure (not a std::exception)",
+                ch.peer().to_string());
         }
     } catch (...) {
         // Formatting the report failed (out of memory): the connection closes regardless.
