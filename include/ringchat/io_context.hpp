@@ -303,15 +303,11 @@ private:
     std::vector<spawned_task> spawned_;
 };
 
-namespace detail {
-
-
-} // namespace detail
-
 /// Starts `t` now, on the calling thread, and lets it run on its own: the context owns it
 /// from here on, an exception escaping it is logged (the process keeps running), and
 /// ~io_context destroys it if it has not finished. Io thread only. The task's result value,
-/// if any, is discarded.
+/// if any, is discarded. Throws std::logic_error for an empty task, and std::bad_alloc if
+/// the context's list of tasks cannot grow (the task is then destroyed without running).
 template <typename T>
 void spawn(io_context& ctx, task<T> t) {
     auto handle = t.release();
