@@ -830,8 +830,11 @@ bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
         restore_direct_bytes();
         return false;
     }
-    const std::chrono::nanoseconds timeout = has_deadline_ ? timeout_ : core_->opts.read_timeout;
-    if (timeout.count() > 0) {
+    // A read's own with_timeout() always applies, even a zero one (it fails at the next
+    // tick); the channel's read_timeout only when set.
+    if (has_deadline_ || core_->opts.read_timeout.count() > 0) {
+        const std::chrono::nanoseconds timeout =
+            has_deadline_ ? timeout_ : std::chrono::nanoseconds(core_->opts.read_timeout);
         channel_core& c = *core_;
         c.when = std::chrono::steady_clock::now() + timeout;
         c.expire = &channel_core::read_deadline_passed;

@@ -542,6 +542,13 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
     ch.set_read_timeout(0ms); // back to waiting for ever: the next read is not bounded
     CHECK(ch.options().read_timeout == 0ms);
     auto unbounded = [](channel& c, int peer) -> task<std::string> {
+        // A read's own deadline applies even when it is zero and the channel has none.
+        try {
+            co_await c.read_until("\n").with_timeout(0ms);
+            FAIL("no timeout");
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::timed_out);
+        }
         spawn(c.context(), [](io_context& ctx, int fd) -> task<void> {
             co_await sleep_for(ctx, 100ms);
             write_all(fd, "late\n");
