@@ -41,6 +41,9 @@ constexpr std::size_t max_iovecs = send_scratch::max_iovecs;
 // inline by libstdc++ and would move with the string object.
 constexpr std::size_t min_entry_capacity = 32;
 
+// At most this many shared receive buffers wait parked in a channel between reads.
+constexpr std::uint16_t max_parked = 16;
+
 using deadline_clock = std::chrono::steady_clock; // CLOCK_MONOTONIC
 
 // Where lingering connections put input they discard. Shared: nobody reads it.
@@ -170,11 +173,21 @@ struct read_progress {
 // finds its core by a cast instead of a pointer stored in each.
 struct send_completion : completion {};
 struct close_completion : completion {}; // the shutdown, then the lingering receives
+struct recv_completion : completion {};  // the multishot receive
 
 // The timer_entry base is the current read's deadline on the context's timer wheel, and
 // once the handle is gone (no reads any more) the end of the linger.
+//
+// Receiving: while reads find nothing buffered and traffic is light, the channel keeps one
+// multishot recv armed across reads (`armed`); the kernel picks a shared provided buffer for
+// each arrival. Bytes that arrive while a read waits go into the input buffer at once. Bytes
+// that arrive between reads are parked (their buffers kept aside, in order) until the next
+// read starts, so a view returned by the last read stays valid until then. Parking more than
+// keep_buffer bytes disarms the receive: TCP's flow control takes over until reads catch up.
+// A read that needs a receive of its own (a large frame, a stream, read_exact into a span)
+// disarms it too and submits its own once the multishot one has ended.
 struct channel_core final : flush_node, owned_node, timer_entry, send_completion,
-                            close_completion {
+                            close_completion, recv_completion {
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
 
     channel_core(stream&& s, const channel_options& o)
@@ -184,9 +197,13 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
         flush_node::flush = &channel_core::flush_thunk;
         owned_node::destroy = &channel_core::destroy_thunk;
         send_completion::on_complete = &channel_core::send_done;
+        recv_completion::on_complete = &channel_core::multishot_done;
     }
 
-    ~channel_core() { release_borrowed(); }
+    ~channel_core() {
+        release_borrowed();
+        drop_parked();
+    }
 
     io_context* ctx;
     int fd = -1;
@@ -203,7 +220,10 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     read_progress progress;
     int read_error = 0; // sticky failure of a receive (-errno)
     bool eof = false;
-    bool aborted = false; // close() was called
+    bool aborted = false;   // close() was called
+    bool armed = false;     // the multishot receive is in flight
+    bool disarming = false; // ... and its cancellation was asked for
+    provided_buffers::parked_list parked; // received between reads, for the next read
 
     entry_ring queue;
     std::size_t queued = 0;
@@ -223,11 +243,15 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     [[nodiscard]] address peer() const noexcept { return peer_addr.get(); }
     completion* send_op() noexcept { return static_cast<send_completion*>(this); }
     completion* close_op() noexcept { return static_cast<close_completion*>(this); }
+    completion* recv_op() noexcept { return static_cast<recv_completion*>(this); }
     static channel_core* of_send(completion* op) noexcept {
         return static_cast<channel_core*>(static_cast<send_completion*>(op));
     }
     static channel_core* of_close(completion* op) noexcept {
         return static_cast<channel_core*>(static_cast<close_completion*>(op));
+    }
+    static channel_core* of_recv(completion* op) noexcept {
+        return static_cast<channel_core*>(static_cast<recv_completion*>(op));
     }
 
     // Gives the borrowed provided buffer back to the kernel. Views into it die here, so
@@ -284,6 +308,57 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
         }
         pb->recycle(bid);
     }
+
+    // Moves the parked buffers into the input, in order (a read starts).
+    void take_parked() {
+        if (parked.empty()) {
+            return;
+        }
+        provided_buffers* pb = ctx->receive_buffers();
+        try {
+            while (!parked.empty()) {
+                const std::uint16_t bid = parked.head;
+                const std::uint32_t size = pb->parked_size(bid);
+                pb->unpark_front(parked);
+                take_provided(bid, size); // recycles bid if it throws
+            }
+        } catch (...) {
+            pb->recycle_all(parked);
+            throw;
+        }
+    }
+
+    void drop_parked() noexcept {
+        if (!parked.empty()) {
+            ctx->receive_buffers()->recycle_all(parked);
+        }
+    }
+
+    void arm_multishot(provided_buffers* pb) noexcept {
+        io_uring_sqe* sqe = ctx->get_sqe();
+        io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = pb->group();
+        io_uring_sqe_set_data(sqe, recv_op());
+        ctx->operation_started();
+        ++stats.receive_submissions;
+        armed = true;
+    }
+
+    // Asks the kernel to end the multishot receive; it reports the end with a completion
+    // without IORING_CQE_F_MORE (-ECANCELED, or data or EOF that came first).
+    void disarm() noexcept {
+        if (armed && !disarming) {
+            disarming = true;
+            ctx->request_cancel(recv_op());
+        }
+    }
+
+    static void multishot_done(completion* op, int res, std::uint32_t flags) noexcept {
+        of_recv(op)->on_multishot(res, flags);
+    }
+
+    void on_multishot(int res, std::uint32_t flags) noexcept;
 
     // The current read's deadline passed: it fails with errc::timed_out once its receive
     // is back from the kernel (or at once, between receives).
@@ -511,6 +586,9 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
             expire = &channel_core::linger_expired;
             ctx->add_timer(this);
         }
+        if (armed) {
+            return; // the multishot receive discards for the linger (on_multishot)
+        }
         io_uring_sqe* sqe = ctx->get_sqe();
         io_uring_prep_recv(sqe, fd, discard_area, sizeof discard_area, 0);
         close_completion::on_complete = &channel_core::linger_done;
@@ -521,7 +599,11 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     static void linger_expired(timer_entry* self) noexcept {
         auto* core = static_cast<channel_core*>(self);
         core->linger_over = true;
-        core->ctx->request_cancel(core->close_op());
+        if (core->armed) {
+            core->disarm();
+        } else {
+            core->ctx->request_cancel(core->close_op());
+        }
     }
 
     static void linger_done(completion* op, int res, std::uint32_t) noexcept {
@@ -534,6 +616,7 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     }
 
     void close_fd() noexcept {
+        disarm(); // closing the descriptor alone would not end a receive in flight
         if (fd >= 0) {
             io_uring_sqe* sqe = ctx->get_sqe();
             io_uring_prep_close(sqe, fd);
@@ -557,7 +640,7 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
         if (handle_alive) {
             return;
         }
-        if (state != phase::closed || reader != nullptr || writer != nullptr) {
+        if (state != phase::closed || reader != nullptr || writer != nullptr || armed) {
             if (!adopted) {
                 ctx->adopt(this);
                 adopted = true;
@@ -592,6 +675,14 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     // has already disowned the core).
     void destroy_now() noexcept {
         cancel_in_flight();
+        if (armed) {
+            cqe_result last = ctx->cancel_and_wait(recv_op());
+            if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
+                ctx->receive_buffers()->recycle(
+                    static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT));
+            }
+            armed = false;
+        }
         ctx->cancel_flush(this);
         ctx->remove_timer(this);
         close_fd();
@@ -601,6 +692,7 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
     // The channel handle is gone: finish sending what was pushed, then close.
     void handle_released() noexcept {
         handle_alive = false;
+        drop_parked(); // nobody reads them now
         if (reader != nullptr) {
             reader->cancel_now(); // a read awaited elsewhere ends with errc::closed
         }
@@ -683,6 +775,11 @@ void read_awaiter::cancel_now() noexcept {
     if (in_flight_) {
         cancelled_ = true;
         core_->ctx->request_cancel(this);
+    } else if (core_->reader == this && core_->armed) {
+        // Waiting on the channel's multishot receive: end it; its last completion fails
+        // this read (data that comes first may still complete it).
+        cancelled_ = true;
+        core_->disarm();
     }
 }
 
@@ -706,18 +803,16 @@ bool read_awaiter::await_ready() {
         return true;
     }
     core_->release_consumed_borrow(); // views from the previous read end here
+    try {
+        core_->take_parked(); // what arrived since the last read
+    } catch (const std::bad_alloc&) {
+        core_->read_error = -ENOMEM; // those bytes are lost: the stream cannot go on
+    }
     core_->progress = {};
     if (kind_ == kind::exact && count_ > core_->opts.max_buffer) {
         error_ = fail_too_large;
         state_ = state::failed;
         return true;
-    }
-    if (kind_ == kind::exact_into) {
-        std::string_view have = core_->input.data();
-        core_->progress.from_buffer = std::min(have.size(), count_);
-        if (core_->progress.from_buffer != 0) {
-            std::memcpy(dest(), have.data(), core_->progress.from_buffer);
-        }
     }
     evaluate();
     return state_ != state::pending;
@@ -774,6 +869,13 @@ void read_awaiter::evaluate() noexcept {
         }
         break;
     case kind::exact_into:
+        // Buffered bytes are copied to dest as they come, until receives go straight into
+        // dest (then nothing arrives in the buffer any more).
+        if (p.direct == 0 && data.size() > p.from_buffer && p.from_buffer < count_) {
+            const std::size_t more = std::min(data.size(), count_) - p.from_buffer;
+            std::memcpy(dest() + p.from_buffer, data.data() + p.from_buffer, more);
+            p.from_buffer += more;
+        }
         if (p.from_buffer + p.direct == count_) {
             state_ = state::done;
             return;
@@ -853,7 +955,140 @@ void channel_core::read_deadline_passed(timer_entry* self) noexcept {
     r->timed_out_ = true;
     if (r->in_flight_) {
         r->core_->ctx->request_cancel(r);
+    } else {
+        r->core_->disarm(); // waiting on the multishot receive
     }
+}
+
+void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
+    const bool ended = (flags & IORING_CQE_F_MORE) == 0;
+    if (ended) {
+        armed = false;
+        disarming = false;
+    }
+    provided_buffers* pb = ctx->receive_buffers();
+    const bool has_buffer = (flags & IORING_CQE_F_BUFFER) != 0;
+    const auto bid = static_cast<std::uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT);
+    read_awaiter* r = reader;
+    if (aborted || !handle_alive) {
+        // Closing: nobody takes input any more, and a lingering close discards it until
+        // the peer's FIN. A read still waiting elsewhere fails with errc::closed.
+        if (has_buffer) {
+            pb->recycle(bid);
+        }
+        if (!ended) {
+            return;
+        }
+        if (state == phase::lingering) {
+            const bool go_on = !linger_over && (res > 0 || res == -ECANCELED || res == -ENOBUFS);
+            if (go_on) {
+                start_linger(); // with a plain receive from now on
+            } else {
+                finish();
+            }
+        } else if (r == nullptr) {
+            maybe_delete(); // last: may free the core
+            return;
+        }
+        if (r != nullptr) {
+            r->on_shared(false); // last: the resumed coroutine may free the core
+        }
+        return;
+    }
+    if (res > 0) {
+        const auto size = static_cast<std::uint32_t>(res);
+        ++stats.receives;
+        stats.bytes_received += size;
+        if (log_enabled(log_level::trace)) {
+            log(log_level::trace, "channel {}: received {} bytes", peer().to_string(), res);
+        }
+        adapt_receive_hint(pb->buffer_size(), size);
+        if (r == nullptr) {
+            // Between reads: keep the bytes aside so the last read's view stays valid, and
+            // stop receiving once that holds enough.
+            pb->park(parked, bid, size);
+            if (parked.bytes >= opts.keep_buffer || parked.count >= max_parked) {
+                disarm();
+            }
+            return;
+        }
+        try {
+            take_provided(bid, size);
+        } catch (const std::bad_alloc&) {
+            read_error = -ENOMEM; // the bytes are lost: the stream cannot go on
+        }
+    } else {
+        if (has_buffer) {
+            pb->recycle(bid);
+        }
+        if (res == 0) {
+            ++stats.receives;
+            eof = true;
+        } else if (res == -EINVAL && ctx->multishot_receives()) {
+            ctx->disable_multishot_receives(); // an old kernel: the read receives again
+        } else if (res != -ECANCELED && res != -ENOBUFS) {
+            read_error = res; // a failed receive (a reset) fails every later read too
+        }
+    }
+    if (r != nullptr) {
+        r->on_shared(res == -ENOBUFS); // last: the resumed coroutine may free the core
+    }
+}
+
+bool read_awaiter::may_wait_armed() const noexcept {
+    const channel_core& c = *core_;
+    const std::size_t shared = c.ctx->options().receive_buffer_size;
+    if (no_shared_buffer_ || c.receive_hint > shared) {
+        return false; // a stream: receives of its own, as large as the hint, cost less
+    }
+    switch (kind_) {
+    case kind::exact:
+        return count_ <= c.input.size() + shared;
+    case kind::exact_into:
+        return c.progress.direct == 0 && count_ - c.progress.from_buffer <= shared;
+    default:
+        return true;
+    }
+}
+
+void read_awaiter::on_shared(bool starved) noexcept {
+    channel_core& c = *core_;
+    if (c.aborted || !c.handle_alive) {
+        error_ = fail_closed;
+        state_ = state::failed;
+    } else {
+        no_shared_buffer_ = no_shared_buffer_ || starved;
+        evaluate();
+        if (state_ == state::pending) {
+            if (timed_out_) {
+                error_ = fail_timed_out;
+                state_ = state::failed;
+            } else if (cancelled_) {
+                error_ = fail_cancelled;
+                state_ = state::failed;
+            } else if (c.armed) {
+                if (!may_wait_armed()) {
+                    c.disarm(); // then receive into the buffer or dest directly
+                }
+                return;
+            } else if (start_receive()) {
+                return;
+            }
+        }
+    }
+    wake();
+}
+
+void read_awaiter::wake() noexcept {
+    if (state_ == state::failed) {
+        restore_direct_bytes();
+    }
+    if (cancel_ != nullptr) {
+        cancel_->detach(this);
+    }
+    disarm_deadline();
+    core_->reader = nullptr;
+    waiter_.resume();
 }
 
 bool read_awaiter::start_receive() noexcept {
@@ -862,6 +1097,17 @@ bool read_awaiter::start_receive() noexcept {
         error_ = fail_cancelled;
         state_ = state::failed;
         return false;
+    }
+    if (c.armed) {
+        // The multishot receive delivers (on_shared); a read that needs a receive of its
+        // own ends it first and submits one when it has ended.
+        if (!may_wait_armed()) {
+            c.disarm();
+        }
+        if (cancel_ != nullptr) {
+            cancel_->attach(this);
+        }
+        return true;
     }
     void* target;
     std::size_t size;
@@ -889,6 +1135,13 @@ bool read_awaiter::start_receive() noexcept {
         if (c.input.empty() && !no_shared_buffer_ && light_traffic &&
             (kind_ != kind::exact || count_ <= shared_size)) {
             shared = c.ctx->receive_buffers();
+        }
+        if (shared != nullptr && c.ctx->multishot_receives()) {
+            c.arm_multishot(shared);
+            if (cancel_ != nullptr) {
+                cancel_->attach(this);
+            }
+            return true;
         }
         if (shared != nullptr) {
             io_uring_sqe* sqe = c.ctx->get_sqe();
@@ -925,6 +1178,7 @@ bool read_awaiter::finish_start(io_uring_sqe* sqe) noexcept {
     io_uring_sqe_set_data(sqe, static_cast<completion*>(this));
     in_flight_ = true;
     c.ctx->operation_started();
+    ++c.stats.receive_submissions;
     if (cancel_ != nullptr) {
         cancel_->attach(this);
     }
@@ -1016,12 +1270,7 @@ void read_awaiter::complete(completion* self, int res, std::uint32_t flags) noex
             r->fail_receive(res);
         }
     }
-    if (r->state_ == state::failed) {
-        r->restore_direct_bytes();
-    }
-    r->disarm_deadline();
-    c.reader = nullptr;
-    r->waiter_.resume();
+    r->wake();
 }
 
 void read_awaiter::restore_direct_bytes() noexcept {
@@ -1334,6 +1583,7 @@ void channel::close() noexcept {
     }
     auto& c = *core_;
     c.aborted = true;
+    c.drop_parked();
     if (c.reader != nullptr) {
         c.reader->cancel_now();
     }

@@ -84,7 +84,8 @@ std::string describe_flags(unsigned flags) {
 
 } // namespace
 
-io_context::io_context(io_context_options options) : options_(options) {
+io_context::io_context(io_context_options options)
+    : options_(options), multishot_receive_(options.multishot_receive) {
     setup(options);
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) {
@@ -126,7 +127,15 @@ void io_context::setup(const io_context_options& options) {
     if (res < 0) {
         throw_setup_error(res);
     }
+    // A registered ring descriptor spares io_uring_enter the descriptor lookup (5.18+);
+    // without it liburing keeps using the plain one.
+    if (io_uring_register_ring_fd(&ring_) == 1) {
+        ring_fd_registered_ = true;
+    }
     setup_desc_ = describe_flags(setup_flags_);
+    if (ring_fd_registered_) {
+        setup_desc_ += ", registered ring fd";
+    }
     log(log_level::info, "io_context: ring with {} SQ / {} CQ entries, {}", ring_.sq.ring_entries,
         ring_.cq.ring_entries, setup_desc_);
 }
@@ -241,6 +250,14 @@ detail::provided_buffers* io_context::set_up_receive_buffers() noexcept {
     return receive_buffers_.get();
 }
 
+void io_context::disable_multishot_receives() noexcept {
+    if (multishot_receive_) {
+        multishot_receive_ = false;
+        log(log_level::info, "io_context: the kernel rejects multishot recv; channels submit a "
+                             "recv per read");
+    }
+}
+
 detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexcept {
     const auto key = reinterpret_cast<std::uint64_t>(target);
     detail::cqe_result final_result;
@@ -252,7 +269,14 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexc
             cqe_copy& entry = completions_[i];
             if (entry.user_data == key) {
                 entry.user_data = 0;
-                if ((entry.flags & IORING_CQE_F_MORE) == 0) {
+                if ((entry.flags & IORING_CQE_F_MORE) != 0) {
+                    // A multishot receive's data that nobody will take: give its buffer
+                    // back. (The final completion's buffer is the caller's to recycle.)
+                    if ((entry.flags & IORING_CQE_F_BUFFER) != 0 && receive_buffers_) {
+                        receive_buffers_->recycle(
+                            static_cast<std::uint16_t>(entry.flags >> IORING_CQE_BUFFER_SHIFT));
+                    }
+                } else {
                     --in_flight_;
                     final_result = {entry.res, entry.flags};
                     return true;

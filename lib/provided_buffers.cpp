@@ -14,6 +14,10 @@ std::unique_ptr<provided_buffers> provided_buffers::create(io_uring* ring, unsig
     if (!self) {
         return nullptr;
     }
+    self->links_.reset(new (std::nothrow) link[count]);
+    if (!self->links_) {
+        return nullptr;
+    }
     self->ring_ = ring;
     self->count_ = count;
     self->size_ = size;

@@ -32,6 +32,51 @@ public:
     /// Gives buffer `bid` back to the kernel (no system call).
     void recycle(std::uint16_t bid) noexcept;
 
+    /// Buffers a channel keeps aside, in arrival order, until its next read takes them:
+    /// chained through per-buffer links kept here, so a channel holds only this list head
+    /// and parking a buffer never allocates.
+    struct parked_list {
+        static constexpr std::uint16_t none = 0xffff;
+        std::uint16_t head = none;
+        std::uint16_t tail = none;
+        std::uint16_t count = 0;
+        std::uint32_t bytes = 0;
+        [[nodiscard]] bool empty() const noexcept { return count == 0; }
+    };
+    /// Appends buffer `bid`, holding `size` received bytes, to `list`.
+    void park(parked_list& list, std::uint16_t bid, std::uint32_t size) noexcept {
+        links_[bid] = {parked_list::none, size};
+        if (list.count == 0) {
+            list.head = bid;
+        } else {
+            links_[list.tail].next = bid;
+        }
+        list.tail = bid;
+        ++list.count;
+        list.bytes += size;
+    }
+    /// The size parked with buffer `bid` (the list's head is the first to take).
+    [[nodiscard]] std::uint32_t parked_size(std::uint16_t bid) const noexcept {
+        return links_[bid].size;
+    }
+    /// Takes the first buffer off `list` (it is the caller's to recycle).
+    void unpark_front(parked_list& list) noexcept {
+        const std::uint16_t bid = list.head;
+        list.head = links_[bid].next;
+        list.bytes -= links_[bid].size;
+        if (--list.count == 0) {
+            list.tail = parked_list::none;
+        }
+    }
+    /// Recycles every buffer on `list` and empties it.
+    void recycle_all(parked_list& list) noexcept {
+        while (!list.empty()) {
+            const std::uint16_t bid = list.head;
+            unpark_front(list);
+            recycle(bid);
+        }
+    }
+
 private:
     provided_buffers() = default;
 
@@ -44,6 +89,11 @@ private:
     unsigned size_ = 0;
     std::uint16_t group_ = 0;
     bool registered_ = false;
+    struct link {
+        std::uint16_t next;
+        std::uint32_t size;
+    };
+    std::unique_ptr<link[]> links_; // parked_list chains, one per buffer
 };
 
 } // namespace ringchat::detail

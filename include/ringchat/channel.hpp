@@ -29,7 +29,9 @@ struct channel_options {
     /// least. The buffer is allocated on the first read.
     std::size_t receive_size = 2048;
     /// An empty input buffer larger than this is freed when a read has to wait, so idle
-    /// connections do not pin memory after a large frame.
+    /// connections do not pin memory after a large frame. Also the most the channel keeps
+    /// receiving between reads (into shared buffers, up to 16 of them) before it stops and
+    /// leaves the rest to TCP's flow control until the next read.
     std::size_t keep_buffer = 64 * 1024;
     /// Back-pressure: write() waits while more than high_water bytes are queued, until
     /// at most low_water are.
@@ -50,7 +52,10 @@ struct channel_options {
 /// Counters of one channel, for tests and benchmarks.
 struct channel_stats {
     std::uint64_t bytes_received = 0;
-    std::uint64_t receives = 0;      ///< recv operations completed
+    std::uint64_t receives = 0;      ///< recv completions that brought data or EOF
+    /// recv operations submitted for reads; a multishot recv counts once however many
+    /// completions it brings.
+    std::uint64_t receive_submissions = 0;
     std::uint64_t bytes_sent = 0;
     std::uint64_t sends = 0;         ///< send/sendmsg operations completed
     std::uint64_t bytes_searched = 0; ///< bytes read_until/skip_until examined
@@ -60,10 +65,12 @@ namespace detail {
 struct channel_core;
 
 /// One read on a channel (read_until, read_exact, read_some, read_to_eof, skip,
-/// skip_until). It receives into the channel's input buffer until its condition holds,
-/// resubmitting receives from its completion handler without resuming the coroutine, and
-/// consumes bytes only when it succeeds: a read that fails, times out or is cancelled
-/// leaves every received byte in the channel for the next read.
+/// skip_until). It takes received bytes into the channel's input buffer until its condition
+/// holds, without resuming the coroutine in between, and consumes bytes only when it
+/// succeeds: a read that fails, times out or is cancelled leaves every received byte in the
+/// channel for the next read. Bytes come from the channel's multishot receive while traffic
+/// is light (one recv stays armed across reads), else from receives the read submits itself
+/// (a large frame or a stream: into the buffer, or straight into read_exact's span).
 class read_awaiter : public completion, public cancellable {
 public:
     enum class kind : std::uint8_t { until, exact, exact_into, some, to_eof, skip, skip_until };
@@ -96,6 +103,11 @@ private:
     void evaluate() noexcept;
     bool start_receive() noexcept;
     bool finish_start(io_uring_sqe* sqe) noexcept;
+    // The channel's multishot receive brought data, EOF or its end (starved: it ended for
+    // lack of shared buffers): re-evaluates, and resumes the reader unless it goes on waiting.
+    void on_shared(bool starved) noexcept;
+    [[nodiscard]] bool may_wait_armed() const noexcept;
+    void wake() noexcept; // clears the channel's reader and resumes the coroutine
     bool keep_received(cqe_result last) noexcept;
     void fail_receive(int res) noexcept;
     void restore_direct_bytes() noexcept;
@@ -252,6 +264,8 @@ public:
     [[nodiscard]] detail::skip_awaiter skip_until(std::string_view term);
 
     /// Bytes received but not consumed yet. The view lives until the next read starts.
+    /// Bytes that arrived after the last read finished are not in it yet: they wait aside
+    /// (so views from that read stay valid) and join the buffer when the next read starts.
     [[nodiscard]] std::string_view buffered() const noexcept;
 
     /// Discards the first `n` buffered bytes. Throws std::out_of_range if fewer are buffered.

@@ -101,6 +101,10 @@ struct io_context_options {
     /// (power of two) and size; 0 turns it off. Mapped lazily, faulted in only as used.
     unsigned receive_buffers = 1024;
     unsigned receive_buffer_size = 4096;
+    /// Channels receive with one multishot recv that stays armed across reads (kernel 6.0+;
+    /// needs the shared receive buffers) instead of submitting a recv for every read. Turned
+    /// off by itself on a kernel that rejects it; false keeps single-shot receives.
+    bool multishot_receive = true;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
@@ -157,7 +161,8 @@ public:
         io_context* ctx_;
     };
 
-    /// Description of the setup the kernel accepted, e.g. "SINGLE_ISSUER|DEFER_TASKRUN".
+    /// Description of the setup the kernel accepted, e.g. "SINGLE_ISSUER|DEFER_TASKRUN,
+    /// registered ring fd".
     [[nodiscard]] const std::string& setup_description() const noexcept { return setup_desc_; }
 
     /// The options the context was created with.
@@ -205,6 +210,12 @@ public:
     detail::provided_buffers* receive_buffers() noexcept {
         return receive_buffers_tried_ ? receive_buffers_.get() : set_up_receive_buffers();
     }
+
+    /// Whether channels may arm multishot receives: asked for in the options, and not
+    /// rejected by the kernel yet.
+    [[nodiscard]] bool multishot_receives() const noexcept { return multishot_receive_; }
+    /// The kernel rejected a multishot receive (EINVAL): later receives are single-shot.
+    void disable_multishot_receives() noexcept;
 
     /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
     /// -ECANCELED (or its result, if it already finished).
@@ -267,8 +278,10 @@ private:
     std::unique_ptr<detail::send_scratch[]> send_scratch_;
     unsigned send_scratch_used_ = 0;
     bool submit_stable_ = false;
+    bool ring_fd_registered_ = false;
     std::unique_ptr<detail::provided_buffers> receive_buffers_;
     bool receive_buffers_tried_ = false;
+    bool multishot_receive_ = false;
     std::string setup_desc_;
 
     std::vector<cqe_copy> completions_; // reaped, not yet dispatched
