@@ -760,10 +760,9 @@ read_awaiter::~read_awaiter() {
 std::size_t read_awaiter::skipped() const noexcept { return core_->progress.skipped; }
 
 void read_awaiter::disarm_deadline() noexcept {
-    if (deadline_armed_) {
-        deadline_armed_ = false;
-        core_->ctx->remove_timer(core_);
-    }
+    // The entry stays on the wheel: the next read usually renews it (io_context::set_timer),
+    // and if it expires first, read_deadline_passed finds no armed deadline and does nothing.
+    deadline_armed_ = false;
 }
 
 void read_awaiter::set_deadline(std::chrono::nanoseconds timeout) noexcept {
@@ -938,9 +937,8 @@ bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
         const std::chrono::nanoseconds timeout =
             has_deadline_ ? timeout_ : std::chrono::nanoseconds(core_->opts.read_timeout);
         channel_core& c = *core_;
-        c.when = std::chrono::steady_clock::now() + timeout;
         c.expire = &channel_core::read_deadline_passed;
-        c.ctx->add_timer(&c);
+        c.ctx->set_timer(&c, std::chrono::steady_clock::now() + timeout);
         deadline_armed_ = true;
     }
     return true;
@@ -948,8 +946,8 @@ bool read_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
 
 void channel_core::read_deadline_passed(timer_entry* self) noexcept {
     read_awaiter* r = static_cast<channel_core*>(self)->reader;
-    if (r == nullptr) {
-        return;
+    if (r == nullptr || !r->deadline_armed_) {
+        return; // an earlier read's deadline, left on the wheel when that read finished
     }
     r->deadline_armed_ = false;
     r->timed_out_ = true;

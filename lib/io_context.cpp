@@ -302,25 +302,11 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexc
 }
 
 void io_context::add_timer(detail::timer_entry* entry) noexcept {
-    const auto now = std::chrono::steady_clock::now();
     if (timers_ == 0) {
         // The wheel was idle: restart it at the current time.
-        wheel_time_ = now;
+        wheel_time_ = std::chrono::steady_clock::now();
     }
-    std::size_t ahead = 0;
-    if (entry->when > wheel_time_) {
-        ahead = static_cast<std::size_t>((entry->when - wheel_time_) / wheel_tick);
-    }
-    // An entry further out than one turn wraps around: its slot comes up every turn, and
-    // it stays until a turn finds its `when` has passed.
-    entry->slot = static_cast<std::uint16_t>((wheel_pos_ + ahead) % wheel_slots);
-    detail::timer_entry*& head = wheel_[entry->slot];
-    entry->prev = nullptr;
-    entry->next = head;
-    if (head != nullptr) {
-        head->prev = entry;
-    }
-    head = entry;
+    link_timer(entry);
     entry->linked = true;
     ++timers_;
     if (!tick_armed_) {
@@ -328,10 +314,41 @@ void io_context::add_timer(detail::timer_entry* entry) noexcept {
     }
 }
 
-void io_context::remove_timer(detail::timer_entry* entry) noexcept {
-    if (!entry->linked) {
+void io_context::set_timer(detail::timer_entry* entry,
+                           std::chrono::steady_clock::time_point when) noexcept {
+    if (entry->linked && when >= entry->when) {
+        // Later than the slot it is in: the wheel moves it on when that slot comes up. A
+        // deadline renewed for every read thus costs no list operation.
+        entry->when = when;
         return;
     }
+    remove_timer(entry);
+    entry->when = when;
+    add_timer(entry);
+}
+
+std::uint16_t io_context::slot_for(std::chrono::steady_clock::time_point when) const noexcept {
+    std::size_t ahead = 0;
+    if (when > wheel_time_) {
+        ahead = static_cast<std::size_t>((when - wheel_time_) / wheel_tick);
+    }
+    // An entry further out than one turn wraps around: its slot comes up every turn, and
+    // it stays until a turn finds its `when` has passed.
+    return static_cast<std::uint16_t>((wheel_pos_ + ahead) % wheel_slots);
+}
+
+void io_context::link_timer(detail::timer_entry* entry) noexcept {
+    entry->slot = slot_for(entry->when);
+    detail::timer_entry*& head = wheel_[entry->slot];
+    entry->prev = nullptr;
+    entry->next = head;
+    if (head != nullptr) {
+        head->prev = entry;
+    }
+    head = entry;
+}
+
+void io_context::unlink_timer(detail::timer_entry* entry) noexcept {
     if (entry->prev != nullptr) {
         entry->prev->next = entry->next;
     } else {
@@ -341,6 +358,13 @@ void io_context::remove_timer(detail::timer_entry* entry) noexcept {
         entry->next->prev = entry->prev;
     }
     entry->prev = entry->next = nullptr;
+}
+
+void io_context::remove_timer(detail::timer_entry* entry) noexcept {
+    if (!entry->linked) {
+        return;
+    }
+    unlink_timer(entry);
     entry->linked = false;
     --timers_;
 }
@@ -363,6 +387,9 @@ void io_context::advance_wheel() noexcept {
             if (entry->when <= now) {
                 remove_timer(entry);
                 entry->expire(entry); // must not touch other entries (it queues a cancel)
+            } else if (slot_for(entry->when) != entry->slot) {
+                unlink_timer(entry); // set_timer moved its `when` on: move it to its slot
+                link_timer(entry);
             }
             entry = next;
         }

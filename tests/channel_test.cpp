@@ -559,6 +559,46 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
     CHECK(test::run_with_deadline(ctx, unbounded(ch, sp.b)) == "late");
 }
 
+TEST_CASE("read_timeout renewed by every read fires only for a read that waits too long") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel_options options;
+    options.read_timeout = 150ms;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    auto answer_after = [](io_context& x, int fd, std::chrono::milliseconds delay,
+                           std::string what) -> task<void> {
+        co_await sleep_for(x, delay);
+        write_all(fd, what);
+    };
+    auto reader = [](io_context& x, channel& c, int peer, auto answer) -> task<int> {
+        // Ten reads answered after 30 ms each: 300 ms in all, twice the timeout, so every
+        // read must have renewed the deadline (the wheel moves the entry on when its old
+        // slot comes up).
+        int answered = 0;
+        for (int i = 0; i < 10; ++i) {
+            spawn(x, answer(x, peer, 30ms, "frame\n"));
+            answered += co_await c.read_until("\n") == "frame" ? 1 : 0;
+        }
+        // No timeout now: the last read's deadline, still on the wheel, must not fire this
+        // read, which waits longer than that.
+        c.set_read_timeout(0ms);
+        spawn(x, answer(x, peer, 400ms, "late\n"));
+        answered += co_await c.read_until("\n") == "late" ? 1 : 0;
+        // And with the timeout back, a read nobody answers times out.
+        c.set_read_timeout(150ms);
+        const auto start = std::chrono::steady_clock::now();
+        try {
+            co_await c.read_until("\n");
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::timed_out);
+            CHECK(std::chrono::steady_clock::now() - start >= 150ms);
+            co_return answered;
+        }
+        co_return -1;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ctx, ch, sp.b, answer_after)) == 11);
+}
+
 TEST_CASE("channel::peer() gives back the address it was made with, for every family") {
     io_context ctx;
     const address addresses[] = {

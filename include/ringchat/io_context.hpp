@@ -200,6 +200,13 @@ public:
     void add_timer(detail::timer_entry* entry) noexcept;
     /// Takes `entry` off the wheel if it is on it.
     void remove_timer(detail::timer_entry* entry) noexcept;
+    /// Makes `entry` expire at `when` (expire set by the caller), whether or not it is on the
+    /// wheel. Moving a linked entry's deadline later only stores `when`; the wheel moves the
+    /// entry to its new slot when the old one comes up. So an idle timeout renewed on every
+    /// read costs no list operation, and an entry may stay linked after its owner stopped
+    /// caring: its expire function must check that it still applies.
+    void set_timer(detail::timer_entry* entry,
+                   std::chrono::steady_clock::time_point when) noexcept;
 
     /// Scratch for one sendmsg prepared now and submitted with the next submission; null
     /// if the kernel does not promise IORING_FEAT_SUBMIT_STABLE (the caller keeps its own).
@@ -268,6 +275,9 @@ private:
     void run_posted() noexcept;
     void run_flushes() noexcept;
     void arm_tick() noexcept;
+    [[nodiscard]] std::uint16_t slot_for(std::chrono::steady_clock::time_point when) const noexcept;
+    void link_timer(detail::timer_entry* entry) noexcept;
+    void unlink_timer(detail::timer_entry* entry) noexcept;
     void advance_wheel() noexcept;
     [[nodiscard]] bool has_work() const noexcept;
 
