@@ -186,12 +186,12 @@ struct recv_completion : completion {};  // the multishot receive
 // keep_buffer bytes disarms the receive: TCP's flow control takes over until reads catch up.
 // A read that needs a receive of its own (a large frame, a stream, read_exact into a span)
 // disarms it too and submits its own once the multishot one has ended.
-struct channel_core final : flush_node, owned_node, timer_entry, send_completion,
-                            close_completion, recv_completion {
+struct channel_core final : recv_completion, send_completion, flush_node, timer_entry,
+                            close_completion, owned_node {
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
 
     channel_core(stream&& s, const channel_options& o)
-        : ctx(&s.context()), peer_addr(s.peer()), opts(o), input(o.receive_size) {
+        : ctx(&s.context()), input(o.receive_size), opts(o), peer_addr(s.peer()) {
         fd = s.release();
         receive_hint = o.receive_size;
         flush_node::flush = &channel_core::flush_thunk;
@@ -205,40 +205,40 @@ struct channel_core final : flush_node, owned_node, timer_entry, send_completion
         drop_parked();
     }
 
+    // Members in order of use per message (the first cache lines are the ones every
+    // receive and send touches); the cold ones last.
     io_context* ctx;
+    read_awaiter* reader = nullptr;
+    writer_awaiter* writer = nullptr;
     int fd = -1;
     int borrowed_bid = -1; // provided buffer the input buffer borrows, or -1
-    // How much the next receive asks for: doubles while receives fill all the space they
-    // were given (a stream), falls back when they come back small (request/response).
-    std::size_t receive_hint = 0;
-    peer_address peer_addr;
-    channel_options opts;
-    buffer input;
-    channel_stats stats;
-
-    read_awaiter* reader = nullptr;
-    read_progress progress;
-    int read_error = 0; // sticky failure of a receive (-errno)
+    int read_error = 0;    // sticky failure of a receive (-errno)
+    int write_error = 0;   // -errno of a failed send (or -EIO for a producer failure)
     bool eof = false;
     bool aborted = false;   // close() was called
     bool armed = false;     // the multishot receive is in flight
     bool disarming = false; // ... and its cancellation was asked for
-    provided_buffers::parked_list parked; // received between reads, for the next read
-
-    entry_ring queue;
-    std::size_t queued = 0;
-    std::size_t in_flight_entries = 0;
     bool sending = false;
-    int write_error = 0; // -errno of a failed send (or -EIO for a producer failure)
-    std::exception_ptr producer_error;
-    std::exception_ptr producer_failure; // more() threw; fails the writer when reached
-    std::unique_ptr<send_scratch> own_scratch; // only where the kernel lacks SUBMIT_STABLE
-    writer_awaiter* writer = nullptr;
     phase state = phase::open;
     bool handle_alive = true;
     bool adopted = false; // owned by the context (handle gone, work left)
     bool close_wanted = false;
     bool linger_over = false; // the linger's time is up: no more discarding receives
+    provided_buffers::parked_list parked; // received between reads, for the next read
+    // How much the next receive asks for: doubles while receives fill all the space they
+    // were given (a stream), falls back when they come back small (request/response).
+    std::size_t receive_hint = 0;
+    buffer input;
+    entry_ring queue;
+    std::size_t queued = 0;
+    std::size_t in_flight_entries = 0;
+    channel_stats stats;
+    read_progress progress;
+    channel_options opts;
+    std::exception_ptr producer_error;
+    std::exception_ptr producer_failure; // more() threw; fails the writer when reached
+    std::unique_ptr<send_scratch> own_scratch; // only where the kernel lacks SUBMIT_STABLE
+    peer_address peer_addr;
 
     [[nodiscard]] address peer() const noexcept { return peer_addr.get(); }
     completion* send_op() noexcept { return static_cast<send_completion*>(this); }
