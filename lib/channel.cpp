@@ -224,6 +224,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     bool adopted = false; // owned by the context (handle gone, work left)
     bool close_wanted = false;
     bool linger_over = false; // the linger's time is up: no more discarding receives
+    bool linger_counted = false; // the multishot receive discards for the linger: counted
     provided_buffers::parked_list parked; // received between reads, for the next read
     // How much the next receive asks for: doubles while receives fill all the space they
     // were given (a stream), falls back when they come back small (request/response).
@@ -339,8 +340,9 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = pb->group();
-        io_uring_sqe_set_data(sqe, recv_op());
-        ctx->operation_started();
+        // Not counted as work by itself: an idle channel must not keep run() going. A read
+        // that waits on it counts (read_awaiter::count_wait), and so does a linger.
+        io_uring_sqe_set_data64(sqe, io_context::uncounted(recv_op()));
         ++stats.receive_submissions;
         armed = true;
     }
@@ -350,7 +352,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     void disarm() noexcept {
         if (armed && !disarming) {
             disarming = true;
-            ctx->request_cancel(recv_op());
+            ctx->request_cancel_uncounted(recv_op());
         }
     }
 
@@ -587,7 +589,13 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             ctx->add_timer(this);
         }
         if (armed) {
-            return; // the multishot receive discards for the linger (on_multishot)
+            // The multishot receive discards for the linger (on_multishot); count it as work
+            // meanwhile, like the plain receive below, so run() waits for the linger.
+            if (!linger_counted) {
+                linger_counted = true;
+                ctx->operation_started();
+            }
+            return;
         }
         io_uring_sqe* sqe = ctx->get_sqe();
         io_uring_prep_recv(sqe, fd, discard_area, sizeof discard_area, 0);
@@ -665,7 +673,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             ctx->cancel_and_wait(close_op());
             state = phase::shut;
         }
-        if (state == phase::lingering) {
+        if (state == phase::lingering && !armed) { // else the multishot receive lingers
             ctx->cancel_and_wait(close_op());
             ctx->remove_timer(this);
         }
@@ -676,12 +684,16 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     void destroy_now() noexcept {
         cancel_in_flight();
         if (armed) {
-            cqe_result last = ctx->cancel_and_wait(recv_op());
+            cqe_result last = ctx->cancel_and_wait(recv_op(), false);
             if ((last.flags & IORING_CQE_F_BUFFER) != 0) {
                 ctx->receive_buffers()->recycle(
                     static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT));
             }
             armed = false;
+        }
+        if (linger_counted) {
+            linger_counted = false;
+            ctx->operation_finished();
         }
         ctx->cancel_flush(this);
         ctx->remove_timer(this);
@@ -747,6 +759,7 @@ read_awaiter::~read_awaiter() {
         keep_received(last);
         restore_direct_bytes();
     }
+    uncount_wait();
     disarm_deadline();
     if (core_->reader == this) {
         core_->reader = nullptr;
@@ -977,6 +990,10 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
         if (!ended) {
             return;
         }
+        if (linger_counted) {
+            linger_counted = false;
+            ctx->operation_finished();
+        }
         if (state == phase::lingering) {
             const bool go_on = !linger_over && (res > 0 || res == -ECANCELED || res == -ENOBUFS);
             if (go_on) {
@@ -1077,7 +1094,25 @@ void read_awaiter::on_shared(bool starved) noexcept {
     wake();
 }
 
+void read_awaiter::wait_on_shared() noexcept {
+    if (!counted_wait_) {
+        counted_wait_ = true; // the multishot receive is uncounted: this wait is the work
+        core_->ctx->operation_started();
+    }
+    if (cancel_ != nullptr) {
+        cancel_->attach(this);
+    }
+}
+
+void read_awaiter::uncount_wait() noexcept {
+    if (counted_wait_) {
+        counted_wait_ = false;
+        core_->ctx->operation_finished();
+    }
+}
+
 void read_awaiter::wake() noexcept {
+    uncount_wait();
     if (state_ == state::failed) {
         restore_direct_bytes();
     }
@@ -1102,11 +1137,10 @@ bool read_awaiter::start_receive() noexcept {
         if (!may_wait_armed()) {
             c.disarm();
         }
-        if (cancel_ != nullptr) {
-            cancel_->attach(this);
-        }
+        wait_on_shared();
         return true;
     }
+    uncount_wait(); // a receive of its own counts by itself
     void* target;
     std::size_t size;
     if (kind_ == kind::exact_into) {
@@ -1136,9 +1170,7 @@ bool read_awaiter::start_receive() noexcept {
         }
         if (shared != nullptr && c.ctx->multishot_receives()) {
             c.arm_multishot(shared);
-            if (cancel_ != nullptr) {
-                cancel_->attach(this);
-            }
+            wait_on_shared();
             return true;
         }
         if (shared != nullptr) {

@@ -213,6 +213,12 @@ void io_context::request_cancel(detail::completion* target) noexcept {
     io_uring_sqe_set_data64(sqe, 0);
 }
 
+void io_context::request_cancel_uncounted(detail::completion* target) noexcept {
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_cancel64(sqe, uncounted(target), 0);
+    io_uring_sqe_set_data64(sqe, 0);
+}
+
 detail::send_scratch* io_context::take_send_scratch() noexcept {
     if (!submit_stable_) {
         return nullptr;
@@ -258,8 +264,10 @@ void io_context::disable_multishot_receives() noexcept {
     }
 }
 
-detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexcept {
-    const auto key = reinterpret_cast<std::uint64_t>(target);
+detail::cqe_result io_context::cancel_and_wait(detail::completion* target,
+                                               bool counted) noexcept {
+    const std::uint64_t key = counted ? reinterpret_cast<std::uint64_t>(target)
+                                      : uncounted(target);
     detail::cqe_result final_result;
     // Removes the target's final completion if it has been reaped already: before we ask,
     // or while get_sqe made room for the cancel, or by the waits below. Other completions
@@ -277,7 +285,9 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexc
                             static_cast<std::uint16_t>(entry.flags >> IORING_CQE_BUFFER_SHIFT));
                     }
                 } else {
-                    --in_flight_;
+                    if (counted) {
+                        --in_flight_;
+                    }
                     final_result = {entry.res, entry.flags};
                     return true;
                 }
@@ -288,7 +298,11 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target) noexc
     if (take_final()) {
         return final_result;
     }
-    request_cancel(target);
+    if (counted) {
+        request_cancel(target);
+    } else {
+        request_cancel_uncounted(target);
+    }
     while (!take_final()) {
         int res = io_uring_submit_and_wait(&ring_, 1);
         if (res < 0 && res != -EINTR && res != -EBUSY && res != -ETIME) {
@@ -436,10 +450,10 @@ void io_context::dispatch_completions() noexcept {
             advance_wheel();
             continue;
         }
-        if ((entry.flags & IORING_CQE_F_MORE) == 0) {
+        if ((entry.flags & IORING_CQE_F_MORE) == 0 && (entry.user_data & uncounted_bit) == 0) {
             --in_flight_;
         }
-        auto* target = reinterpret_cast<detail::completion*>(entry.user_data);
+        auto* target = reinterpret_cast<detail::completion*>(entry.user_data & ~uncounted_bit);
         target->on_complete(target, entry.res, entry.flags);
     }
     completions_.clear();

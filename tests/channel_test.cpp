@@ -6,7 +6,10 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -817,6 +820,83 @@ TEST_CASE("read_exact into a large span ends the multishot receive and receives 
     // straight into the span for what the socket could not hold at first.
     CHECK(ch.stats().receive_submissions >= 2);
     CHECK(ch.stats().receives >= 2);
+}
+
+TEST_CASE("run() returns when nothing waits, though an idle channel's multishot recv is armed") {
+    io_context ctx;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "hello\n");
+    std::string got;
+    spawn(ctx, [](channel& c, std::string& out) -> task<void> {
+        out = std::string(co_await c.read_until("\n"));
+    }(ch, got));
+    // If run() does not return by itself, the watchdog stops it after 10 s.
+    std::mutex m;
+    std::condition_variable cv;
+    bool returned = false;
+    std::atomic<bool> stopped{false};
+    std::thread watchdog([&] {
+        std::unique_lock lock(m);
+        if (!cv.wait_for(lock, 10s, [&] { return returned; })) {
+            stopped = true;
+            ctx.stop();
+        }
+    });
+    ctx.run();
+    {
+        std::lock_guard lock(m);
+        returned = true;
+    }
+    cv.notify_all();
+    watchdog.join();
+    CHECK_FALSE(stopped.load());
+    CHECK(got == "hello");
+    CHECK(ctx.operations_in_flight() == 0);
+    ctx.restart();
+    // The receive is still armed: what arrives now is read without another submission.
+    write_all(sp.b, "again\n");
+    auto again = [](channel& c) -> task<std::string> {
+        co_return std::string(co_await c.read_until("\n"));
+    };
+    CHECK(test::run_with_deadline(ctx, again(ch)) == "again");
+    CHECK(ch.stats().receive_submissions == 1);
+}
+
+TEST_CASE("a linger on the multishot recv keeps run() going; the context can end it early") {
+    for (bool destroy_early : {false, true}) {
+        CAPTURE(destroy_early);
+        test::socket_pair sp;
+        std::chrono::steady_clock::duration ran{};
+        {
+            io_context ctx;
+            {
+                channel_options options;
+                options.linger = destroy_early ? std::chrono::milliseconds(10'000) : 50ms;
+                channel ch = make_channel(ctx, sp.release_a(), options);
+                write_all(sp.b, "hello\n");
+                auto handler = [](channel& c) -> task<void> {
+                    CHECK(co_await c.read_until("\n") == "hello"); // arms the multishot recv
+                    c.push("bye");
+                    co_await c.close_when_done(); // sent, write side shut down
+                };
+                test::run_with_deadline(ctx, handler(ch));
+            } // the handle goes: the channel lingers, its multishot recv discarding input
+            write_all(sp.b, "ignored");
+            if (!destroy_early) {
+                // The peer never closes: run() returns when the linger is over, not before.
+                const auto start = std::chrono::steady_clock::now();
+                ctx.run();
+                ran = std::chrono::steady_clock::now() - start;
+            }
+        } // ~io_context: cancels a linger still in progress and frees the channel
+        if (!destroy_early) {
+            CHECK(ran >= 45ms); // the linger started just before `start`
+        }
+        char buf[16];
+        CHECK(::recv(sp.b, buf, sizeof buf, 0) == 3); // "bye"
+        CHECK(::recv(sp.b, buf, sizeof buf, 0) == 0); // then the shutdown's EOF
+    }
 }
 
 TEST_CASE("a channel waiting with nothing buffered holds no receive buffer of its own") {

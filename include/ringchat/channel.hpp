@@ -108,6 +108,8 @@ private:
     void on_shared(bool starved) noexcept;
     [[nodiscard]] bool may_wait_armed() const noexcept;
     void wake() noexcept; // clears the channel's reader and resumes the coroutine
+    void wait_on_shared() noexcept; // counts the wait as work; attaches the cancel source
+    void uncount_wait() noexcept;
     bool keep_received(cqe_result last) noexcept;
     void fail_receive(int res) noexcept;
     void restore_direct_bytes() noexcept;
@@ -136,6 +138,7 @@ private:
     bool timed_out_ = false; // the deadline passed while a receive was in flight
     bool into_dest_ = false; // exact_into: the receive in flight targets dest
     bool no_shared_buffer_ = false; // the provided buffers ran out: use the channel's own
+    bool counted_wait_ = false; // waits on the multishot receive, counted as context work
 };
 
 template <typename Derived>

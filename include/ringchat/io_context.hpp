@@ -186,6 +186,20 @@ public:
 
     /// Counts one operation whose completion will reach a detail::completion.
     void operation_started() noexcept { ++in_flight_; }
+    /// Takes back one operation_started() whose completion is not counted by itself: work
+    /// that ends without a final CQE of its own (a read that stops waiting on a channel's
+    /// multishot receive).
+    void operation_finished() noexcept { --in_flight_; }
+
+    /// SQE user_data for an operation that does not count as work by itself (run() may
+    /// return while it is in flight): the completion's address with this bit set. Its
+    /// completions reach it like any other; its owner counts the time someone waits on it
+    /// with operation_started() / operation_finished(). A channel's multishot receive is
+    /// one: an idle channel must not keep run() from returning.
+    static constexpr std::uint64_t uncounted_bit = 1;
+    static std::uint64_t uncounted(detail::completion* op) noexcept {
+        return reinterpret_cast<std::uint64_t>(op) | uncounted_bit;
+    }
 
     /// Cancels the operation whose SQE user_data is `target` and blocks until the kernel has
     /// posted its final completion, which is then dropped. Completions of other operations
@@ -193,7 +207,8 @@ public:
     /// of an awaiter whose coroutine is destroyed while its operation is in flight.
     /// Returns the final completion's result (its flags may name a provided buffer that the
     /// caller must recycle).
-    detail::cqe_result cancel_and_wait(detail::completion* target) noexcept;
+    /// `counted` false: the operation was submitted with uncounted(target) as user_data.
+    detail::cqe_result cancel_and_wait(detail::completion* target, bool counted = true) noexcept;
 
     /// Puts `entry` on the timer wheel (entry->when and expire set by the caller); its
     /// expire function runs once, unless remove_timer() comes first. Io thread only.
@@ -227,6 +242,8 @@ public:
     /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
     /// -ECANCELED (or its result, if it already finished).
     void request_cancel(detail::completion* target) noexcept;
+    /// The same for an operation submitted with uncounted(target) as user_data.
+    void request_cancel_uncounted(detail::completion* target) noexcept;
 
     /// Calls `node->flush` once before the next submission (no-op if already queued).
     void request_flush(detail::flush_node* node) noexcept {
