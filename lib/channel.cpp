@@ -1010,6 +1010,9 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
         }
         return;
     }
+    if (res > 0 && !has_buffer) {
+        res = -EIO; // never expected: data from a buffer-select receive always names one
+    }
     if (res > 0) {
         const auto size = static_cast<std::uint32_t>(res);
         ++stats.receives;
@@ -1136,6 +1139,10 @@ bool read_awaiter::start_receive() noexcept {
         // own ends it first and submits one when it has ended.
         if (!may_wait_armed()) {
             c.disarm();
+        }
+        c.release_consumed_borrow();
+        if (c.input.empty()) {
+            c.input.release_if_idle(c.opts.keep_buffer); // as below: idle holds no big buffer
         }
         wait_on_shared();
         return true;

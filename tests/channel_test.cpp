@@ -675,6 +675,40 @@ TEST_CASE("an idle channel releases a large input buffer") {
     CHECK(test::run_with_deadline(ctx, reader(ch, sp.b, big)) == big.size());
 }
 
+TEST_CASE("a channel whose multishot recv stays armed still releases a large buffer when idle") {
+    io_context ctx;
+    channel_options options;
+    options.keep_buffer = 4096;
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    auto reader = [](io_context& x, channel& c, int peer) -> task<std::size_t> {
+        // A 30 KB line in 1 KB pieces, each taken from the multishot recv while the read
+        // waits: light traffic, so the receive stays armed and the input buffer grows.
+        spawn(x, [](io_context& x2, const channel& c2, int fd) -> task<void> {
+            for (std::size_t i = 0; i < 30; ++i) {
+                write_all(fd, std::string(1000, 'a'));
+                while (c2.stats().bytes_received < (i + 1) * 1000) {
+                    co_await sleep_for(x2, 0ns);
+                }
+            }
+            write_all(fd, "\n");
+        }(x, c, peer));
+        const std::size_t size = (co_await c.read_until("\n")).size();
+        CHECK(c.input_capacity() >= 30000);
+        // The next frame comes only once the next read waits, with nothing buffered: the
+        // 30 KB allocation goes then, as it would with a receive of the read's own.
+        spawn(x, [](io_context& x2, int fd) -> task<void> {
+            co_await sleep_for(x2, 0ns);
+            write_all(fd, "next\n");
+        }(x, peer));
+        CHECK(co_await c.read_until("\n") == "next");
+        CHECK(c.input_capacity() <= 4096);
+        co_return size;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ctx, ch, sp.b)) == 30000);
+    CHECK(ch.stats().receive_submissions == 1);
+}
+
 TEST_CASE("framing is the same with the shared receive buffers turned off") {
     io_context_options options;
     options.receive_buffers = 0;
