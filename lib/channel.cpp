@@ -300,8 +300,8 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             borrowed_bid = bid;
             return;
         }
-        copy_out_borrow();
         try {
+            copy_out_borrow(); // allocates too
             input.append(std::string_view(pb->data(bid), size));
         } catch (...) {
             pb->recycle(bid);
@@ -1042,8 +1042,10 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
         if (res == 0) {
             ++stats.receives;
             eof = true;
-        } else if (res == -EINVAL && ctx->multishot_receives()) {
-            ctx->disable_multishot_receives(); // an old kernel: the read receives again
+        } else if (res == -EINVAL) {
+            // An old kernel (5.19 has buffer rings, not multishot recv). Every channel that
+            // armed one before the first EINVAL came gets its own: none of them is an error.
+            ctx->disable_multishot_receives(); // the read receives again, single-shot
         } else if (res != -ECANCELED && res != -ENOBUFS) {
             read_error = res; // a failed receive (a reset) fails every later read too
         }
@@ -1130,6 +1132,19 @@ void read_awaiter::wake() noexcept {
 bool read_awaiter::start_receive() noexcept {
     channel_core& c = *core_;
     if (cancel_ != nullptr && cancel_->cancel_requested()) {
+        error_ = fail_cancelled;
+        state_ = state::failed;
+        return false;
+    }
+    // Called again when a receive came back without completing the read: a read cancelled
+    // meanwhile (whose cancel found nothing left to cancel), or a channel closed or dropped
+    // meanwhile (lingering now, or closed), must not receive again.
+    if (c.aborted || !c.handle_alive) {
+        error_ = fail_closed;
+        state_ = state::failed;
+        return false;
+    }
+    if (cancelled_) {
         error_ = fail_cancelled;
         state_ = state::failed;
         return false;
