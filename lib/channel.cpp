@@ -341,7 +341,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = pb->group();
         // Not counted as work by itself: an idle channel must not keep run() going. A read
-        // that waits on it counts (read_awaiter::count_wait), and so does a linger.
+        // that waits on it counts (read_awaiter::wait_on_shared), and so does a linger.
         io_uring_sqe_set_data64(sqe, io_context::uncounted(recv_op()));
         ++stats.receive_submissions;
         armed = true;
@@ -1043,8 +1043,8 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
             ++stats.receives;
             eof = true;
         } else if (res == -EINVAL) {
-            // An old kernel (5.19 has buffer rings, not multishot recv). Every channel that
-            // armed one before the first EINVAL came gets its own: none of them is an error.
+            // An old kernel (5.19 has buffer rings, not multishot recv). Each channel that
+            // armed one before the first EINVAL arrived gets one too: not a read error.
             ctx->disable_multishot_receives(); // the read receives again, single-shot
         } else if (res != -ECANCELED && res != -ENOBUFS) {
             read_error = res; // a failed receive (a reset) fails every later read too
