@@ -794,14 +794,6 @@ TEST_CASE("bytes that arrive between reads wait aside; the last read's view stay
 }
 
 namespace {
-std::string pattern_bytes(std::size_t n) {
-    std::string out(n, '\0');
-    for (std::size_t i = 0; i < n; ++i) {
-        out[i] = static_cast<char>('a' + (i * 7 + i / 251) % 26);
-    }
-    return out;
-}
-
 // Sends all of `bytes` from a thread, blocking as the socket fills; stops early if the
 // other end goes away (the test failed).
 std::thread send_from_thread(int fd, const std::string& bytes) {
@@ -824,7 +816,7 @@ TEST_CASE("between reads a channel parks about keep_buffer bytes, then leaves th
     channel_options options;
     options.keep_buffer = 16 * 1024;
     channel ch = make_channel(ctx, sp.release_a(), options);
-    const std::string payload = pattern_bytes(4 * 1024 * 1024); // more than the socket holds
+    const std::string payload = test::pattern(1, 4 * 1024 * 1024); // more than the socket holds
     std::thread writer = send_from_thread(sp.b, payload);
     auto reader = [](io_context& x, channel& c, const std::string& expected) -> task<bool> {
         std::string got(co_await c.read_exact(1)); // arms the multishot receive
@@ -851,7 +843,7 @@ TEST_CASE("read_exact into a large span ends the multishot receive and receives 
     io_context ctx;
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
-    const std::string payload = pattern_bytes(4'000'000); // more than the socket holds
+    const std::string payload = test::pattern(2, 4'000'000); // more than the socket holds
     write_all(sp.b, "size 4000000\n");
     std::thread writer = send_from_thread(sp.b, payload);
     auto reader = [](channel& c, const std::string& expected) -> task<bool> {

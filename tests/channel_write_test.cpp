@@ -38,23 +38,7 @@ void set_buffer_size(int fd, int option, int bytes) {
     REQUIRE(::setsockopt(fd, SOL_SOCKET, option, &bytes, sizeof bytes) == 0);
 }
 
-// Deterministic test data: byte i of the stream for `seed`, computed from its position, so a
-// 64 MiB payload can be checked without keeping a second copy.
-char pattern_byte(std::uint64_t seed, std::size_t i) {
-    std::uint64_t z = seed + (i / 8) * 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return static_cast<char>((z >> (8 * (i % 8))) & 0xff);
-}
-
-std::string pattern(std::uint64_t seed, std::size_t size, std::size_t offset = 0) {
-    std::string out(size, '\0');
-    for (std::size_t i = 0; i < size; ++i) {
-        out[i] = pattern_byte(seed, offset + i);
-    }
-    return out;
-}
+using test::pattern;
 
 // Index of the first byte of `got` that differs from pattern(seed, got.size()), or npos.
 std::size_t first_pattern_mismatch(std::string_view got, std::uint64_t seed) {

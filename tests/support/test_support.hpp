@@ -10,6 +10,7 @@
 #include <ringchat/task.hpp>
 
 #include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdio>
 #include <memory>
@@ -183,6 +184,25 @@ task<T> start(task<T> t) {
     auto handle = t.release();
     handle.promise().start_inline(handle, std::noop_coroutine());
     return task<T>{handle};
+}
+
+/// Deterministic test data: byte i of the stream for `seed`, computed from its position, so
+/// a 64 MiB payload can be checked without keeping a second copy.
+inline char pattern_byte(std::uint64_t seed, std::size_t i) {
+    std::uint64_t z = seed + (i / 8) * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return static_cast<char>((z >> (8 * (i % 8))) & 0xff);
+}
+
+/// `size` bytes of the stream for `seed`, starting at byte `offset`.
+inline std::string pattern(std::uint64_t seed, std::size_t size, std::size_t offset = 0) {
+    std::string out(size, '\0');
+    for (std::size_t i = 0; i < size; ++i) {
+        out[i] = pattern_byte(seed, offset + i);
+    }
+    return out;
 }
 
 } // namespace ringchat::test
