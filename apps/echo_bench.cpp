@@ -551,8 +551,16 @@ double self_cpu_seconds() {
     return seconds(ru.ru_utime) + seconds(ru.ru_stime);
 }
 
-// utime + stime of a process (all its threads) from /proc/PID/stat, in seconds.
-std::optional<double> process_cpu_seconds(int pid) {
+// CPU time of a process (all its threads) from /proc/PID/stat, in seconds: utime (user
+// space) and stime (kernel). The kernel splits them by sampling at each clock tick, so the
+// split is statistical; the sum is exact to a tick.
+struct cpu_times {
+    double user = 0;
+    double system = 0;
+    [[nodiscard]] double total() const { return user + system; }
+};
+
+std::optional<cpu_times> process_cpu_seconds(int pid) {
     char path[64];
     std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
     int fd = ::open(path, O_RDONLY | O_CLOEXEC);
@@ -582,7 +590,8 @@ std::optional<double> process_cpu_seconds(int pid) {
     if (p == nullptr) {
         return std::nullopt;
     }
-    return static_cast<double>(ticks[0] + ticks[1]) / static_cast<double>(sysconf(_SC_CLK_TCK));
+    const auto hz = static_cast<double>(sysconf(_SC_CLK_TCK));
+    return cpu_times{static_cast<double>(ticks[0]) / hz, static_cast<double>(ticks[1]) / hz};
 }
 
 std::string json_number(std::optional<double> v) {
@@ -644,7 +653,7 @@ int main(int argc, char** argv) {
     sleep_until_ns(start);
     double self_before = self_cpu_seconds();
     std::uint64_t allocs_before = allocations.load();
-    std::optional<double> server_before;
+    std::optional<cpu_times> server_before;
     if (o.server_pid > 0) {
         server_before = process_cpu_seconds(o.server_pid);
     }
@@ -652,9 +661,11 @@ int main(int argc, char** argv) {
     double self_after = self_cpu_seconds();
     std::uint64_t allocs_after = allocations.load();
     std::optional<double> server_cpu;
+    std::optional<double> server_user; // the user-space part of server_cpu
     if (server_before) {
         if (auto after = process_cpu_seconds(o.server_pid)) {
-            server_cpu = *after - *server_before;
+            server_cpu = after->total() - server_before->total();
+            server_user = after->user - server_before->user;
         }
     }
 
@@ -709,13 +720,14 @@ int main(int argc, char** argv) {
     double per_s = static_cast<double>(messages) / window;
     double mib_s = static_cast<double>(bytes) / window / (1024.0 * 1024.0);
     double client_cpu = self_after - self_before;
-    std::optional<double> client_us, server_us, allocs_per_msg;
+    std::optional<double> client_us, server_us, server_user_us, allocs_per_msg;
     if (messages > 0) {
         client_us = client_cpu * 1e6 / static_cast<double>(messages);
         allocs_per_msg =
             static_cast<double>(allocs_after - allocs_before) / static_cast<double>(messages);
         if (server_cpu) {
             server_us = *server_cpu * 1e6 / static_cast<double>(messages);
+            server_user_us = *server_user * 1e6 / static_cast<double>(messages);
         }
     }
     const char* mode_name = o.mode == bench_mode::raw ? "raw" : "echo";
@@ -728,7 +740,7 @@ int main(int argc, char** argv) {
                    "\"client_cpu_s\":{:.6g},\"client_cpu_us_per_msg\":{},"
                    "\"client_allocs\":{},\"client_allocs_per_msg\":{},\"server_pid\":{},\"server_"
                    "cpu_s\":{},"
-                   "\"server_cpu_us_per_msg\":{}}}\n",
+                   "\"server_cpu_us_per_msg\":{},\"server_user_us_per_msg\":{}}}\n",
                    mode_name, o.reconnect, o.conns, o.size, o.pipeline, o.threads, o.seconds,
                    o.warmup, messages, bytes, per_s, mib_s, latency.percentile(0.5) / 1e3,
                    latency.percentile(0.99) / 1e3, latency.percentile(0.999) / 1e3,
@@ -736,7 +748,7 @@ int main(int argc, char** argv) {
                    mismatches, stalled, client_cpu, json_number(client_us),
                    allocs_after - allocs_before, json_number(allocs_per_msg),
                    o.server_pid > 0 ? o.server_pid : 0, json_number(server_cpu),
-                   json_number(server_us));
+                   json_number(server_us), json_number(server_user_us));
     } else {
         const char* unit = o.reconnect ? "connections" : "round trips";
         fmt::print("echo_bench: {} mode{}, {} connection(s) x {} B, pipeline {}, {} thread(s), "
@@ -754,10 +766,13 @@ int main(int argc, char** argv) {
                    allocs_per_msg ? fmt::format("{:.3f}", *allocs_per_msg) : "-",
                    o.reconnect ? "connection" : "round trip");
         if (o.server_pid > 0) {
-            fmt::print("  {:<12} {}: {} us per {} (pid {}, utime+stime)\n", "server CPU",
+            fmt::print("  {:<12} {}: {} us per {} (pid {}, utime+stime; {} us of it in user "
+                       "space)\n",
+                       "server CPU",
                        server_cpu ? fmt::format("{:.3f} s", *server_cpu) : "unreadable",
                        server_us ? fmt::format("{:.2f}", *server_us) : "-",
-                       o.reconnect ? "connection" : "round trip", o.server_pid);
+                       o.reconnect ? "connection" : "round trip", o.server_pid,
+                       server_user_us ? fmt::format("{:.2f}", *server_user_us) : "-");
         }
     }
     std::fflush(stdout);
