@@ -51,35 +51,43 @@ char discard_area[16 * 1024];
 
 } // namespace
 
-/// One entry of the send queue: bytes (owned) or a producer and its current chunk.
+/// One entry of the send queue: bytes (owned), bytes lent by a shared receive buffer, or a
+/// producer and its current chunk.
 struct out_entry {
     std::string data;
     std::size_t sent = 0;
     std::unique_ptr<producer_holder> producer;
-    std::string_view chunk;
+    std::string_view chunk; // the producer's current chunk, or the lent bytes
     std::size_t chunk_sent = 0;
+    int lender = -1; // the shared receive buffer `chunk` lies in (held for this entry), or -1
 
     [[nodiscard]] bool is_producer() const noexcept { return producer != nullptr; }
-    [[nodiscard]] bool finished() const noexcept { return !producer && sent == data.size(); }
-    void reset() noexcept {
-        data.clear(); // keeps the capacity: the slot is reused without allocating
-        sent = 0;
-        producer.reset();
-        chunk = {};
-        chunk_sent = 0;
+    [[nodiscard]] bool is_lent() const noexcept { return lender >= 0; }
+    /// What a bytes entry sends (from `sent` on).
+    [[nodiscard]] std::string_view bytes() const noexcept {
+        return is_lent() ? chunk : std::string_view(data);
     }
+    [[nodiscard]] bool finished() const noexcept { return !producer && sent == bytes().size(); }
 };
 
 /// FIFO of out_entry slots in a vector used as a ring; popped slots keep their string
 /// capacity, so a steady stream of pushes allocates nothing. The capacity is always a power
-/// of two, so positions wrap with a mask (this is on every send's path).
+/// of two, so positions wrap with a mask (this is on every send's path). Popping a lent
+/// entry gives its receive buffer back (entries are popped only when no send uses them).
 class entry_ring {
 public:
+    explicit entry_ring(provided_buffers* lenders) noexcept : lenders_(lenders) {}
+    entry_ring(const entry_ring&) = delete;
+    entry_ring& operator=(const entry_ring&) = delete;
+    ~entry_ring() { clear(); }
+
     [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
     [[nodiscard]] std::size_t size() const noexcept { return count_; }
     out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & mask()]; }
     out_entry& front() noexcept { return (*this)[0]; }
     out_entry& back() noexcept { return (*this)[count_ - 1]; }
+    /// Lent entries queued (each holds one shared receive buffer).
+    [[nodiscard]] unsigned lent() const noexcept { return lent_; }
 
     out_entry& push_back() {
         if (count_ == slots_.size()) {
@@ -88,10 +96,30 @@ public:
         ++count_;
         return back();
     }
+    /// Queues `bytes`, which lie in shared receive buffer `bid`, already held for it.
+    void push_lent(std::string_view bytes, std::uint16_t bid) {
+        out_entry& e = push_back();
+        e.chunk = bytes;
+        e.lender = bid;
+        ++lent_;
+    }
     void pop_front() noexcept {
-        front().reset();
+        reset(front());
         head_ = (head_ + 1) & mask();
         --count_;
+    }
+    /// Turns an exhausted producer's entry into an empty bytes entry.
+    void reset(out_entry& e) noexcept {
+        if (e.is_lent()) {
+            lenders_->recycle(static_cast<std::uint16_t>(e.lender));
+            e.lender = -1;
+            --lent_;
+        }
+        e.data.clear(); // keeps the capacity: the slot is reused without allocating
+        e.sent = 0;
+        e.producer.reset();
+        e.chunk = {};
+        e.chunk_sent = 0;
     }
     void clear() noexcept {
         while (!empty()) {
@@ -115,6 +143,8 @@ private:
     std::vector<out_entry> slots_;
     std::size_t head_ = 0;
     std::size_t count_ = 0;
+    unsigned lent_ = 0;
+    provided_buffers* lenders_; // where lent entries' buffers go back (null: none lent)
 };
 
 /// The peer's address, kept for messages: in 32 bytes when it is IPv4 or IPv6 (what a
@@ -191,7 +221,8 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
 
     channel_core(stream&& s, const channel_options& o)
-        : ctx(&s.context()), input(o.receive_size), opts(o), peer_addr(s.peer()) {
+        : ctx(&s.context()), input(o.receive_size), queue(ctx->receive_buffers()), opts(o),
+          peer_addr(s.peer()) {
         fd = s.release();
         receive_hint = o.receive_size;
         flush_node::flush = &channel_core::flush_thunk;
@@ -329,6 +360,44 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         }
     }
 
+    // push() of bytes that lie in the shared receive buffer the input borrows (an echo of
+    // what a read returned): queues them where they are instead of copying them, the buffer
+    // held until they are sent. Only when the queue holds no other lent entry (so a slow
+    // peer holds at most one buffer this way), or the bytes continue the last lent entry.
+    // Returns false, queueing nothing, when the bytes must be copied.
+    bool lend(std::string_view bytes) {
+        provided_buffers* pb = ctx->receive_buffers();
+        const auto bid = static_cast<std::uint16_t>(borrowed_bid);
+        const auto start = reinterpret_cast<std::uintptr_t>(pb->data(bid));
+        const auto first = reinterpret_cast<std::uintptr_t>(bytes.data());
+        if (bytes.size() > pb->buffer_size() || first < start ||
+            first - start > pb->buffer_size() - bytes.size()) {
+            return false; // not (all) in the buffer
+        }
+        if (queue.lent() != 0) {
+            out_entry& last = queue.back();
+            if (!last.is_lent() || last.lender != borrowed_bid || queue.size() <= in_flight_entries ||
+                last.chunk.data() + last.chunk.size() != bytes.data()) {
+                return false;
+            }
+            last.chunk = std::string_view(last.chunk.data(), last.chunk.size() + bytes.size());
+        } else {
+            if (!pb->hold(bid)) {
+                return false;
+            }
+            try {
+                queue.push_lent(bytes, bid);
+            } catch (...) {
+                pb->recycle(bid);
+                throw;
+            }
+        }
+        queued += bytes.size();
+        stats.bytes_sent_in_place += bytes.size();
+        ctx->request_flush(this);
+        return true;
+    }
+
     void drop_parked() noexcept {
         if (!parked.empty()) {
             ctx->receive_buffers()->recycle_all(parked);
@@ -435,7 +504,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
                     }
                     e.chunk_sent = 0;
                     if (e.chunk.empty()) {
-                        e.reset(); // exhausted: now an empty bytes entry, popped when reached
+                        queue.reset(e); // exhausted: now an empty bytes entry, popped when reached
                         continue;
                     }
                     queued += e.chunk.size();
@@ -445,8 +514,9 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
                 ++entries;
                 break; // the producer's next chunk must come before anything after it
             }
-            if (e.sent < e.data.size()) {
-                iov[iovcnt++] = {e.data.data() + e.sent, e.data.size() - e.sent};
+            const std::string_view bytes = e.bytes();
+            if (e.sent < bytes.size()) {
+                iov[iovcnt++] = {const_cast<char*>(bytes.data()) + e.sent, bytes.size() - e.sent};
             }
         }
         if (iovcnt == 0) {
@@ -517,7 +587,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
                 remaining -= take;
                 break;
             }
-            std::size_t take = std::min(remaining, e.data.size() - e.sent);
+            std::size_t take = std::min(remaining, e.bytes().size() - e.sent);
             e.sent += take;
             queued -= take;
             remaining -= take;
@@ -1565,8 +1635,12 @@ void channel::push(std::string_view bytes) {
     if (c.write_error != 0 || bytes.empty()) {
         return;
     }
+    if (c.borrowed_bid >= 0 && c.lend(bytes)) {
+        return;
+    }
     // Coalesce with the last queued buffer unless a send in flight covers it.
-    if (!c.queue.empty() && c.queue.size() > c.in_flight_entries && !c.queue.back().is_producer()) {
+    if (!c.queue.empty() && c.queue.size() > c.in_flight_entries && !c.queue.back().is_producer() &&
+        !c.queue.back().is_lent()) {
         c.queue.back().data.append(bytes);
     } else {
         detail::out_entry& e = c.queue.push_back();

@@ -71,7 +71,7 @@ provided_buffers::~provided_buffers() {
     }
 }
 
-void provided_buffers::recycle(std::uint16_t bid) noexcept {
+void provided_buffers::give_back(std::uint16_t bid) noexcept {
     io_uring_buf_ring_add(buf_ring_, data(bid), size_, bid, io_uring_buf_ring_mask(count_), 0);
     io_uring_buf_ring_advance(buf_ring_, 1);
 }

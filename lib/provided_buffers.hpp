@@ -29,8 +29,40 @@ public:
     [[nodiscard]] char* data(std::uint16_t bid) const noexcept {
         return memory_ + static_cast<std::size_t>(bid) * size_;
     }
-    /// Gives buffer `bid` back to the kernel (no system call).
-    void recycle(std::uint16_t bid) noexcept;
+    /// Gives buffer `bid` back to the kernel (no system call), or, while others hold it too
+    /// (hold()), only drops one holder: the last one to recycle it gives it back.
+    void recycle(std::uint16_t bid) noexcept {
+        std::uint8_t& holders = links_[bid].extra_holders;
+        if (holders != 0) {
+            if (--holders == 0) {
+                --held_;
+            }
+            return;
+        }
+        give_back(bid);
+    }
+
+    /// Adds a holder to buffer `bid`, which its owner has and keeps (a channel's send queue
+    /// sending bytes straight from the buffer they arrived in, while the input still views
+    /// them): the buffer goes back to the kernel once every holder has recycled it. Returns
+    /// false, adding nothing, when buffers held this way are already a quarter of the ring
+    /// (so slow peers cannot starve receives) or `bid` has all the holders it can count;
+    /// the caller then copies.
+    [[nodiscard]] bool hold(std::uint16_t bid) noexcept {
+        std::uint8_t& holders = links_[bid].extra_holders;
+        if (holders == 0) {
+            if (held_ >= count_ / 4) {
+                return false;
+            }
+            ++held_;
+        } else if (holders == 0xff) {
+            return false;
+        }
+        ++holders;
+        return true;
+    }
+    /// Buffers that have extra holders now.
+    [[nodiscard]] unsigned held() const noexcept { return held_; }
 
     /// Buffers a channel keeps aside, in arrival order, until its next read takes them:
     /// chained through per-buffer links kept here, so a channel holds only this list head
@@ -45,7 +77,8 @@ public:
     };
     /// Appends buffer `bid`, holding `size` received bytes, to `list`.
     void park(parked_list& list, std::uint16_t bid, std::uint32_t size) noexcept {
-        links_[bid] = {parked_list::none, size};
+        links_[bid].next = parked_list::none;
+        links_[bid].size = size;
         if (list.count == 0) {
             list.head = bid;
         } else {
@@ -79,6 +112,7 @@ public:
 
 private:
     provided_buffers() = default;
+    void give_back(std::uint16_t bid) noexcept;
 
     io_uring* ring_ = nullptr;
     io_uring_buf_ring* buf_ring_ = nullptr;
@@ -87,13 +121,15 @@ private:
     std::size_t memory_bytes_ = 0;
     unsigned count_ = 0;
     unsigned size_ = 0;
+    unsigned held_ = 0; // buffers with extra holders
     std::uint16_t group_ = 0;
     bool registered_ = false;
     struct link {
-        std::uint16_t next;
-        std::uint32_t size;
+        std::uint16_t next = parked_list::none;
+        std::uint8_t extra_holders = 0; // hold() calls not yet matched by a recycle()
+        std::uint32_t size = 0;
     };
-    std::unique_ptr<link[]> links_; // parked_list chains, one per buffer
+    std::unique_ptr<link[]> links_; // one per buffer: parked_list chains, holders
 };
 
 } // namespace ringchat::detail

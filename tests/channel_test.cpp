@@ -24,13 +24,7 @@ namespace {
 
 // Writes all of `bytes` to a blocking socket end (small amounts only: the socketpair
 // buffer takes them at once).
-void write_all(int fd, std::string_view bytes) {
-    while (!bytes.empty()) {
-        ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-        REQUIRE(n > 0);
-        bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-}
+using test::write_all;
 
 struct reader_flag {
     bool done = false;

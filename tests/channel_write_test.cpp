@@ -39,6 +39,7 @@ void set_buffer_size(int fd, int option, int bytes) {
 }
 
 using test::pattern;
+using test::write_all;
 
 // Index of the first byte of `got` that differs from pattern(seed, got.size()), or npos.
 std::size_t first_pattern_mismatch(std::string_view got, std::uint64_t seed) {
@@ -1160,4 +1161,127 @@ TEST_CASE("more multi-buffer sends in one loop iteration than the context has sc
         REQUIRE(::recv(pairs[i]->b, got.data(), got.size(), MSG_WAITALL) == 120);
         CHECK(got == expected(i));
     }
+}
+
+// ---- pushes of received bytes: sent from the shared receive buffer, without a copy
+
+namespace {
+
+io_context_options four_receive_buffers() {
+    io_context_options options;
+    options.receive_buffers = 4; // a quarter of them may be kept for sends: one
+    return options;
+}
+
+// Echoes `count` pieces back as read_some returns them.
+task<void> echo_pieces(channel& ch, int count) {
+    for (int i = 0; i < count; ++i) {
+        std::string_view piece = co_await ch.read_some();
+        co_await ch.write(piece);
+    }
+}
+
+// Sends `count` messages of `size` bytes one at a time, each after the previous one's echo.
+task<int> send_and_check(channel& ch, int count, std::size_t size) {
+    int right = 0;
+    for (int i = 0; i < count; ++i) {
+        std::string message = pattern(static_cast<std::uint64_t>(i), size);
+        co_await ch.write(message);
+        right += co_await ch.read_exact(size) == message ? 1 : 0;
+    }
+    co_return right;
+}
+
+} // namespace
+
+TEST_CASE("an echo of what a read returned is sent from the receive buffer, given back once sent") {
+    io_context ctx(four_receive_buffers());
+    test::socket_pair sp;
+    channel server = make_channel(ctx, sp.release_a());
+    channel client = make_channel(ctx, sp.release_b());
+    constexpr int count = 50;
+    constexpr std::size_t size = 100;
+    auto both = [](channel& s, channel& c) -> task<int> {
+        task<void> echo = test::start(echo_pieces(s, count));
+        int right = co_await send_and_check(c, count, size);
+        co_await std::move(echo);
+        co_return right;
+    };
+    CHECK(test::run_with_deadline(ctx, both(server, client)) == count);
+    // Every echo went out in place: with one buffer allowed to be kept at a time, each must
+    // have come back to the ring before the next message arrived.
+    CHECK(server.stats().bytes_sent_in_place == count * size);
+    CHECK(server.stats().bytes_sent == count * size);
+    CHECK(client.stats().bytes_sent_in_place == 0); // its messages are its own strings
+}
+
+TEST_CASE("pieces of one receive buffer: contiguous ones share its entry, others are copied") {
+    io_context ctx(four_receive_buffers());
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "abcdefalpha\nbravo\n"); // one write: one shared receive buffer
+    auto body = [](io_context& c, channel& x, int peer) -> task<std::string> {
+        x.push(co_await x.read_exact(3));   // "abc": queued in place
+        x.push(co_await x.read_exact(3));   // "def" follows it in the buffer: same entry
+        x.push(co_await x.read_until("\n")); // "alpha" too
+        x.push(co_await x.read_until("\n")); // "bravo" does not follow "alpha": copied
+        x.push(std::string_view("!"));       // not received bytes: copied
+        co_await x.drain();
+        co_return co_await read_count(c, peer, 17);
+    };
+    CHECK(test::run_with_deadline(ctx, body(ctx, ch, sp.b)) == "abcdefalphabravo!");
+    CHECK(ch.stats().bytes_sent_in_place == 11);
+    CHECK(ch.stats().bytes_sent == 17);
+}
+
+TEST_CASE("only a quarter of the receive buffers are kept for sends; the rest are copied") {
+    io_context ctx(four_receive_buffers());
+    test::socket_pair first;
+    test::socket_pair second;
+    channel a = make_channel(ctx, first.release_a());
+    channel b = make_channel(ctx, second.release_a());
+    write_all(first.b, "to a");
+    write_all(second.b, "to b");
+    auto body = [](channel& x, channel& y) -> task<void> {
+        std::string_view from_a = co_await x.read_some();
+        std::string_view from_b = co_await y.read_some();
+        x.push(from_a); // keeps the one buffer allowed
+        y.push(from_b); // copied
+        co_await x.drain();
+        co_await y.drain();
+    };
+    test::run_with_deadline(ctx, body(a, b));
+    CHECK(a.stats().bytes_sent_in_place == 4);
+    CHECK(b.stats().bytes_sent_in_place == 0);
+    char got[8] = {};
+    REQUIRE(::recv(first.b, got, 4, MSG_WAITALL) == 4);
+    REQUIRE(::recv(second.b, got + 4, 4, MSG_WAITALL) == 4);
+    CHECK(std::string_view(got, 8) == "to ato b");
+}
+
+TEST_CASE("a buffer kept for a send goes back to the ring when the channel closes first") {
+    io_context ctx(four_receive_buffers());
+    test::socket_pair first;
+    test::socket_pair second;
+    channel a = make_channel(ctx, first.release_a());
+    write_all(first.b, "never sent");
+    auto close_with_queued = [](channel& x) -> task<void> {
+        x.push(co_await x.read_some()); // queued in place; no send is started before close()
+        x.close();
+    };
+    test::run_with_deadline(ctx, close_with_queued(a));
+    CHECK(a.stats().bytes_sent_in_place == 10);
+    CHECK(a.stats().sends == 0);
+    // The buffer is free again: another channel may keep one.
+    channel b = make_channel(ctx, second.release_a());
+    write_all(second.b, "sent");
+    auto echo_once = [](channel& x) -> task<void> {
+        x.push(co_await x.read_some());
+        co_await x.drain();
+    };
+    test::run_with_deadline(ctx, echo_once(b));
+    CHECK(b.stats().bytes_sent_in_place == 4);
+    char got[4] = {};
+    REQUIRE(::recv(second.b, got, 4, MSG_WAITALL) == 4);
+    CHECK(std::string_view(got, 4) == "sent");
 }

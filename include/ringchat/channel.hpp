@@ -59,6 +59,9 @@ struct channel_stats {
     std::uint64_t bytes_sent = 0;
     std::uint64_t sends = 0;         ///< send/sendmsg operations completed
     std::uint64_t bytes_searched = 0; ///< bytes read_until/skip_until examined
+    /// bytes pushed that went out from the receive buffer they arrived in, without a copy
+    /// (an echo of what a read returned)
+    std::uint64_t bytes_sent_in_place = 0;
 };
 
 namespace detail {
@@ -282,6 +285,11 @@ public:
     /// Queues a copy of `bytes` and returns at once (asynchat's push). Throws
     /// std::logic_error after shutdown_send() or close_when_done(), and
     /// std::system_error(errc::closed) after close(); all push overloads do.
+    /// Bytes that lie in the shared receive buffer the last read's view points into (an
+    /// echo of what was read) are queued where they are instead: the channel keeps that
+    /// buffer until they are sent (stats().bytes_sent_in_place counts them). Nothing changes
+    /// for the caller; it is a copy saved. It copies anyway when a quarter of the context's
+    /// receive buffers are already kept this way, or this channel keeps one for an earlier push.
     void push(std::string_view bytes);
 
     /// Queues `bytes`, taking ownership without copying.

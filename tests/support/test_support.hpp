@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -184,6 +185,15 @@ task<T> start(task<T> t) {
     auto handle = t.release();
     handle.promise().start_inline(handle, std::noop_coroutine());
     return task<T>{handle};
+}
+
+// Sends all of `bytes` on a blocking socket (a test's peer end).
+inline void write_all(int fd, std::string_view bytes) {
+    while (!bytes.empty()) {
+        ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+        REQUIRE(n > 0);
+        bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
 }
 
 /// Deterministic test data: byte i of the stream for `seed`, computed from its position, so
