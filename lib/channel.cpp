@@ -445,6 +445,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             return true;
         }
         switch (k) {
+        case writer_awaiter::kind::queued:
         case writer_awaiter::kind::no_wait:
             return true;
         case writer_awaiter::kind::drain:
@@ -1488,14 +1489,14 @@ void read_awaiter::throw_failure() const {
 
 // ---------------------------------------------------------------- writer_awaiter
 
-writer_awaiter::~writer_awaiter() {
+void writer_awaiter::release() noexcept {
     if (waiting_ && core_->writer == this) {
         core_->writer = nullptr;
     }
     core_->maybe_delete();
 }
 
-bool writer_awaiter::await_ready() {
+bool writer_awaiter::check_ready() {
     if (core_->writer != nullptr) {
         throw std::logic_error("ringchat::channel: another coroutine already waits on the writer");
     }
@@ -1508,7 +1509,7 @@ void writer_awaiter::await_suspend(std::coroutine_handle<> waiter) noexcept {
     core_->writer = this;
 }
 
-void writer_awaiter::await_resume() {
+void writer_awaiter::check_failure() {
     const channel_core& c = *core_;
     if (c.producer_error) {
         std::rethrow_exception(c.producer_error);
@@ -1684,9 +1685,12 @@ detail::writer_awaiter channel::drain() {
 
 detail::writer_awaiter channel::write(std::string_view bytes) {
     push(bytes);
-    if (core().queued <= core().opts.high_water) {
-        // Below the high mark: nothing to wait for, whatever low_water says.
-        return {&core(), detail::writer_awaiter::kind::no_wait};
+    detail::channel_core& c = core();
+    if (c.queued <= c.opts.high_water) {
+        // Below the high mark: nothing to wait for, whatever low_water says; a send failure
+        // (write_error, also set with producer_error) is still rethrown by await_resume.
+        return {&c, c.write_error == 0 ? detail::writer_awaiter::kind::queued
+                                       : detail::writer_awaiter::kind::no_wait};
     }
     return {&core(), detail::writer_awaiter::kind::below_low_water};
 }

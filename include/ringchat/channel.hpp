@@ -186,16 +186,31 @@ public:
 /// send failure that happened before or while waiting.
 class writer_awaiter {
 public:
-    enum class kind : std::uint8_t { no_wait, drain, below_low_water, shut_down };
+    /// `queued`: write() queued its bytes below the high-water mark with no send failure
+    /// pending, so there is nothing to wait for or rethrow (kept inline: every write of a
+    /// request/response loop takes this path).
+    enum class kind : std::uint8_t { queued, no_wait, drain, below_low_water, shut_down };
     writer_awaiter(channel_core* core, kind k) noexcept : core_(core), kind_(k) {}
     writer_awaiter(const writer_awaiter&) = delete;
     writer_awaiter& operator=(const writer_awaiter&) = delete;
-    ~writer_awaiter();
-    bool await_ready();
+    ~writer_awaiter() {
+        if (kind_ != kind::queued) {
+            release();
+        }
+    }
+    bool await_ready() { return kind_ == kind::queued || check_ready(); }
     void await_suspend(std::coroutine_handle<> waiter) noexcept;
-    void await_resume();
+    void await_resume() {
+        if (kind_ != kind::queued) {
+            check_failure();
+        }
+    }
 
 private:
+    void release() noexcept;
+    bool check_ready();
+    void check_failure();
+
     friend struct channel_core;
     channel_core* core_;
     std::coroutine_handle<> waiter_;
