@@ -433,10 +433,37 @@ void io_context::reap() noexcept {
     io_uring_cq_advance(&ring_, seen);
 }
 
+namespace {
+
+// Asks the CPU to start loading the lines around `p`, about to be used, for writing. With
+// a thousand connections, the objects completions point at (a channel's state, ~8 lines)
+// are no longer in the cache when their next completion comes: loading them a few
+// completions ahead overlaps those misses with the work in between. A prefetch never
+// faults, so lines past the end of a smaller object cost only bandwidth.
+void prefetch_object(const void* p, int lines) noexcept {
+    // A completion record may sit a few bytes into its object (a channel's send record does).
+    const char* at = static_cast<const char*>(p) - 16;
+    for (int i = 0; i < lines; ++i) {
+        __builtin_prefetch(at + i * 64, 1);
+    }
+}
+
+constexpr std::size_t prefetch_distance = 4; // completions ahead
+constexpr int prefetch_lines = 8;
+
+} // namespace
+
 void io_context::dispatch_completions() noexcept {
     // By index: a resumed coroutine may destroy another's frame, whose awaiter then removes
     // its own entry (cancel_and_wait), or may append entries while waiting for a cancel.
     while (completions_pos_ < completions_.size()) {
+        if (completions_pos_ + prefetch_distance < completions_.size()) {
+            const std::uint64_t ahead =
+                completions_[completions_pos_ + prefetch_distance].user_data & ~uncounted_bit;
+            if (ahead > tick_tag) {
+                prefetch_object(reinterpret_cast<const void*>(ahead), prefetch_lines);
+            }
+        }
         const cqe_copy entry = completions_[completions_pos_++];
         if (entry.user_data == 0) {
             continue;
