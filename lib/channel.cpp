@@ -108,7 +108,8 @@ public:
         head_ = (head_ + 1) & mask();
         --count_;
     }
-    /// Turns an exhausted producer's entry into an empty bytes entry.
+    /// Empties `e` for reuse, giving a lent entry's receive buffer back (also how an
+    /// exhausted producer's entry becomes an empty bytes entry).
     void reset(out_entry& e) noexcept {
         if (e.is_lent()) {
             lenders_->recycle(static_cast<std::uint16_t>(e.lender));
@@ -1692,7 +1693,7 @@ detail::writer_awaiter channel::write(std::string_view bytes) {
         return {&c, c.write_error == 0 ? detail::writer_awaiter::kind::queued
                                        : detail::writer_awaiter::kind::no_wait};
     }
-    return {&core(), detail::writer_awaiter::kind::below_low_water};
+    return {&c, detail::writer_awaiter::kind::below_low_water};
 }
 
 detail::writer_awaiter channel::shutdown_send() {
