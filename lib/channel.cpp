@@ -112,7 +112,7 @@ public:
     /// exhausted producer's entry becomes an empty bytes entry).
     void reset(out_entry& e) noexcept {
         if (e.is_lent()) {
-            lenders_->recycle(static_cast<std::uint16_t>(e.lender));
+            lenders_->release_hold(static_cast<std::uint16_t>(e.lender));
             e.lender = -1;
             --lent_;
         }
@@ -389,12 +389,11 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             try {
                 queue.push_lent(bytes, bid);
             } catch (...) {
-                pb->recycle(bid);
+                pb->release_hold(bid);
                 throw;
             }
         }
         queued += bytes.size();
-        stats.bytes_sent_in_place += bytes.size();
         ctx->request_flush(this);
         return true;
     }
@@ -590,6 +589,9 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
                 break;
             }
             std::size_t take = std::min(remaining, e.bytes().size() - e.sent);
+            if (e.is_lent()) {
+                stats.bytes_sent_in_place += take;
+            }
             e.sent += take;
             queued -= take;
             remaining -= take;
@@ -1498,7 +1500,9 @@ void writer_awaiter::release() noexcept {
 }
 
 bool writer_awaiter::check_ready() {
-    if (core_->writer != nullptr) {
+    // Only an awaiter that may wait takes the writer; write() below the high-water mark
+    // (kinds queued and no_wait) never does.
+    if (kind_ != kind::no_wait && core_->writer != nullptr) {
         throw std::logic_error("ringchat::channel: another coroutine already waits on the writer");
     }
     return core_->writer_condition(kind_);

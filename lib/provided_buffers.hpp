@@ -34,9 +34,7 @@ public:
     void recycle(std::uint16_t bid) noexcept {
         std::uint8_t& holders = links_[bid].extra_holders;
         if (holders != 0) {
-            if (--holders == 0) {
-                --held_;
-            }
+            --holders;
             return;
         }
         give_back(bid);
@@ -45,23 +43,24 @@ public:
     /// Adds a holder to buffer `bid`, which its owner has and keeps (a channel's send queue
     /// sending bytes straight from the buffer they arrived in, while the input still views
     /// them): the buffer goes back to the kernel once every holder has recycled it. Returns
-    /// false, adding nothing, when buffers held this way are already a quarter of the ring
-    /// (so slow peers cannot starve receives) or `bid` has all the holders it can count;
-    /// the caller then copies.
+    /// false, adding nothing, when holds not yet released (release_hold()) already number a
+    /// quarter of the ring, whoever else still has their buffers (so slow peers cannot
+    /// starve receives), or `bid` has all the holders it can count; the caller then copies.
     [[nodiscard]] bool hold(std::uint16_t bid) noexcept {
         std::uint8_t& holders = links_[bid].extra_holders;
-        if (holders == 0) {
-            if (held_ >= count_ / 4) {
-                return false;
-            }
-            ++held_;
-        } else if (holders == 0xff) {
+        if (held_ >= count_ / 4 || holders == 0xff) {
             return false;
         }
         ++holders;
+        ++held_;
         return true;
     }
-    /// Buffers that have extra holders now.
+    /// Ends a hold(): recycles `bid` for the holder that asked for it.
+    void release_hold(std::uint16_t bid) noexcept {
+        --held_;
+        recycle(bid);
+    }
+    /// Holds not yet released.
     [[nodiscard]] unsigned held() const noexcept { return held_; }
 
     /// Buffers a channel keeps aside, in arrival order, until its next read takes them:
@@ -121,7 +120,7 @@ private:
     std::size_t memory_bytes_ = 0;
     unsigned count_ = 0;
     unsigned size_ = 0;
-    unsigned held_ = 0; // buffers with extra holders
+    unsigned held_ = 0; // hold() calls not yet matched by release_hold()
     std::uint16_t group_ = 0;
     bool registered_ = false;
     struct link {

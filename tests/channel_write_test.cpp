@@ -1208,8 +1208,8 @@ TEST_CASE("an echo of what a read returned is sent from the receive buffer, give
         co_return right;
     };
     CHECK(test::run_with_deadline(ctx, both(server, client)) == count);
-    // Every echo went out in place: with one buffer allowed to be kept at a time, each must
-    // have come back to the ring before the next message arrived.
+    // Every echo went out in place: with one buffer allowed to be kept at a time, each
+    // hold must have been released (its entry sent) before the next message arrived.
     CHECK(server.stats().bytes_sent_in_place == count * size);
     CHECK(server.stats().bytes_sent == count * size);
     CHECK(client.stats().bytes_sent_in_place == 0); // its messages are its own strings
@@ -1259,20 +1259,26 @@ TEST_CASE("only a quarter of the receive buffers are kept for sends; the rest ar
     CHECK(std::string_view(got, 8) == "to ato b");
 }
 
-TEST_CASE("a buffer kept for a send goes back to the ring when the channel closes first") {
+TEST_CASE("a buffer kept for a send is let go when the channel closes before sending it") {
     io_context ctx(four_receive_buffers());
     test::socket_pair first;
     test::socket_pair second;
+    test::socket_pair third;
     channel a = make_channel(ctx, first.release_a());
+    channel c = make_channel(ctx, third.release_a());
     write_all(first.b, "never sent");
-    auto close_with_queued = [](channel& x) -> task<void> {
+    write_all(third.b, "copied");
+    auto close_with_queued = [](channel& x, channel& y) -> task<void> {
         x.push(co_await x.read_some()); // queued in place; no send is started before close()
+        y.push(co_await y.read_some()); // the one buffer allowed is kept by x: copied
         x.close();
+        co_await y.drain();
     };
-    test::run_with_deadline(ctx, close_with_queued(a));
-    CHECK(a.stats().bytes_sent_in_place == 10);
+    test::run_with_deadline(ctx, close_with_queued(a, c));
     CHECK(a.stats().sends == 0);
-    // The buffer is free again: another channel may keep one.
+    CHECK(a.stats().bytes_sent_in_place == 0); // counted as sent, and nothing was
+    CHECK(c.stats().bytes_sent_in_place == 0);
+    // a's hold is released: another channel may keep a buffer now.
     channel b = make_channel(ctx, second.release_a());
     write_all(second.b, "sent");
     auto echo_once = [](channel& x) -> task<void> {
@@ -1281,7 +1287,81 @@ TEST_CASE("a buffer kept for a send goes back to the ring when the channel close
     };
     test::run_with_deadline(ctx, echo_once(b));
     CHECK(b.stats().bytes_sent_in_place == 4);
-    char got[4] = {};
+    char got[10] = {};
     REQUIRE(::recv(second.b, got, 4, MSG_WAITALL) == 4);
     CHECK(std::string_view(got, 4) == "sent");
+    REQUIRE(::recv(third.b, got, 6, MSG_WAITALL) == 6);
+    CHECK(std::string_view(got, 6) == "copied");
+}
+
+TEST_CASE("echoes queued behind output a slow peer never reads keep at most a quarter of the "
+          "receive buffers, so other channels still receive into them") {
+    io_context ctx(four_receive_buffers()); // a quarter: one buffer
+    constexpr int slow = 4;
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> chans;
+    for (int i = 0; i <= slow; ++i) {
+        pairs.push_back(std::make_unique<test::socket_pair>());
+        set_buffer_size(pairs.back()->a, SO_SNDBUF, 16 * 1024);
+        write_all(pairs.back()->b, i < slow ? "ping" : "fifth");
+        chans.push_back(make_channel(ctx, pairs.back()->release_a()));
+    }
+    auto next_read = [](channel& x) -> task<void> {
+        try {
+            co_await x.read_some(); // starting it ends the previous read's view
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::closed);
+        }
+    };
+    auto body = [](std::vector<channel>& cs, decltype(next_read) pending) -> task<void> {
+        for (int i = 0; i < slow; ++i) {
+            channel& x = cs[static_cast<std::size_t>(i)];
+            x.push(std::string(mib, 'f'));  // more than the socket takes; the peer never reads
+            x.push(co_await x.read_some()); // the echo waits behind it
+            spawn(x.context(), pending(x));
+        }
+        // Had every slow channel kept its buffer, none would be left for this receive.
+        channel& fast = cs[slow];
+        fast.push(co_await fast.read_some());
+        co_await fast.drain();
+        for (int i = 0; i < slow; ++i) {
+            cs[static_cast<std::size_t>(i)].close();
+        }
+    };
+    test::run_with_deadline(ctx, body(chans, next_read));
+    CHECK(chans[slow].stats().receive_submissions == 1); // its multishot recv never ran dry
+    char got[5] = {};
+    REQUIRE(::recv(pairs[slow]->b, got, 5, MSG_WAITALL) == 5);
+    CHECK(std::string_view(got, 5) == "fifth");
+}
+
+TEST_CASE("a write() that need not wait may run while another coroutine waits in drain(); one "
+          "that must wait then throws std::logic_error") {
+    test::socket_pair sp;
+    set_buffer_size(sp.a, SO_SNDBUF, 16 * 1024);
+    io_context ctx;
+    channel_options options;
+    options.high_water = 512 * 1024;
+    options.low_water = 128 * 1024;
+    channel ch = make_channel(ctx, sp.release_a(), options);
+    auto drainer = [](channel& x, bool& drained) -> task<void> {
+        x.push(pattern(9, 256 * 1024)); // more than the socket takes while the peer waits
+        co_await x.drain();
+        drained = true;
+    };
+    bool drained = false;
+    auto body = [](io_context& c, channel& x, int peer, decltype(drainer) d,
+                   bool& done) -> task<std::string> {
+        spawn(c, d(x, done)); // runs up to its wait in drain()
+        co_await x.write("tail"); // below the high-water mark: no wait, no conflict
+        // Above it: queued, then the wait conflicts with the drain.
+        CHECK_THROWS_AS(co_await x.write(std::string(512 * 1024, 'w')), std::logic_error);
+        co_return co_await read_count(c, peer, 256 * 1024 + 4 + 512 * 1024);
+    };
+    std::string got = test::run_with_deadline(ctx, body(ctx, ch, sp.b, drainer, drained));
+    CHECK(drained); // run() returned: the spawned drain finished too
+    REQUIRE(got.size() == 256 * 1024 + 4 + 512 * 1024);
+    CHECK(got.substr(0, 256 * 1024) == pattern(9, 256 * 1024));
+    CHECK(got.substr(256 * 1024, 4) == "tail");
+    CHECK(got.substr(256 * 1024 + 4) == std::string(512 * 1024, 'w'));
 }

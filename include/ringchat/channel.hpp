@@ -59,8 +59,8 @@ struct channel_stats {
     std::uint64_t bytes_sent = 0;
     std::uint64_t sends = 0;         ///< send/sendmsg operations completed
     std::uint64_t bytes_searched = 0; ///< bytes read_until/skip_until examined
-    /// bytes pushed that went out from the receive buffer they arrived in, without a copy
-    /// (an echo of what a read returned)
+    /// bytes sent from the receive buffer they arrived in, without a copy (an echo of what
+    /// a read returned; see push())
     std::uint64_t bytes_sent_in_place = 0;
 };
 
@@ -226,8 +226,8 @@ private:
 /// producers that one writer sends in order with batched scatter/gather sends.
 ///
 /// Owns the stream, the input buffer and the send queue. One read at a time (a second
-/// concurrent read throws std::logic_error) and one coroutine awaiting the writer at a
-/// time; io thread only. Move-only. Destroying the channel keeps nothing pushed from being
+/// concurrent read throws std::logic_error) and one coroutine waiting on the writer at a
+/// time (a write() below the high-water mark does not wait); io thread only. Move-only. Destroying the channel keeps nothing pushed from being
 /// lost: queued output is still sent, then the connection is shut down and closed (after
 /// a bounded linger), unless close() aborted it.
 class channel {
@@ -302,9 +302,10 @@ public:
     /// std::system_error(errc::closed) after close(); all push overloads do.
     /// Bytes that lie in the shared receive buffer the last read's view points into (an
     /// echo of what was read) are queued where they are instead: the channel keeps that
-    /// buffer until they are sent (stats().bytes_sent_in_place counts them). Nothing changes
-    /// for the caller; it is a copy saved. It copies anyway when a quarter of the context's
-    /// receive buffers are already kept this way, or this channel keeps one for an earlier push.
+    /// buffer until they are sent (stats().bytes_sent_in_place counts them as they go). Nothing
+    /// changes for the caller; it is a copy saved. It copies anyway when a quarter of the
+    /// context's receive buffers are already kept this way, or this channel keeps one for an
+    /// earlier push.
     void push(std::string_view bytes);
 
     /// Queues `bytes`, taking ownership without copying.
@@ -325,8 +326,9 @@ public:
     /// Waits until everything queued has been sent.
     [[nodiscard]] detail::writer_awaiter drain();
 
-    /// Queues a copy of `bytes`, then waits while more than high_water bytes are queued,
-    /// until at most low_water are: back-pressure against a peer that does not read.
+    /// Queues `bytes` as push() does, then waits while more than high_water bytes are
+    /// queued, until at most low_water are: back-pressure against a peer that does not read.
+    /// Throws std::logic_error if it must wait while another coroutine waits on the writer.
     [[nodiscard]] detail::writer_awaiter write(std::string_view bytes);
 
     /// Half-close: sends everything queued, then shuts down the write side (the peer reads
