@@ -1173,6 +1173,31 @@ io_context_options four_receive_buffers() {
     return options;
 }
 
+// Channels on socket pairs whose peer ends have already sent `first_words` (one string per
+// channel); received(i, n) reads what channel i sent to its peer.
+struct peered_channels {
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> channels;
+
+    peered_channels(io_context& ctx, std::vector<std::string_view> first_words,
+                    int send_buffer = 0) {
+        for (std::string_view words : first_words) {
+            pairs.push_back(std::make_unique<test::socket_pair>());
+            if (send_buffer > 0) {
+                set_buffer_size(pairs.back()->a, SO_SNDBUF, send_buffer);
+            }
+            write_all(pairs.back()->b, words);
+            channels.push_back(make_channel(ctx, pairs.back()->release_a()));
+        }
+    }
+    channel& operator[](std::size_t i) { return channels[i]; }
+    std::string received(std::size_t i, std::size_t n) {
+        std::string got(n, '\0');
+        REQUIRE(::recv(pairs[i]->b, got.data(), n, MSG_WAITALL) == static_cast<ssize_t>(n));
+        return got;
+    }
+};
+
 // Echoes `count` pieces back as read_some returns them.
 task<void> echo_pieces(channel& ch, int count) {
     for (int i = 0; i < count; ++i) {
@@ -1236,12 +1261,7 @@ TEST_CASE("pieces of one receive buffer: contiguous ones share its entry, others
 
 TEST_CASE("only a quarter of the receive buffers are kept for sends; the rest are copied") {
     io_context ctx(four_receive_buffers());
-    test::socket_pair first;
-    test::socket_pair second;
-    channel a = make_channel(ctx, first.release_a());
-    channel b = make_channel(ctx, second.release_a());
-    write_all(first.b, "to a");
-    write_all(second.b, "to b");
+    peered_channels chans(ctx, {"to a", "to b"});
     auto body = [](channel& x, channel& y) -> task<void> {
         std::string_view from_a = co_await x.read_some();
         std::string_view from_b = co_await y.read_some();
@@ -1250,62 +1270,42 @@ TEST_CASE("only a quarter of the receive buffers are kept for sends; the rest ar
         co_await x.drain();
         co_await y.drain();
     };
-    test::run_with_deadline(ctx, body(a, b));
-    CHECK(a.stats().bytes_sent_in_place == 4);
-    CHECK(b.stats().bytes_sent_in_place == 0);
-    char got[8] = {};
-    REQUIRE(::recv(first.b, got, 4, MSG_WAITALL) == 4);
-    REQUIRE(::recv(second.b, got + 4, 4, MSG_WAITALL) == 4);
-    CHECK(std::string_view(got, 8) == "to ato b");
+    test::run_with_deadline(ctx, body(chans[0], chans[1]));
+    CHECK(chans[0].stats().bytes_sent_in_place == 4);
+    CHECK(chans[1].stats().bytes_sent_in_place == 0);
+    CHECK(chans.received(0, 4) == "to a");
+    CHECK(chans.received(1, 4) == "to b");
 }
 
 TEST_CASE("a buffer kept for a send is let go when the channel closes before sending it") {
     io_context ctx(four_receive_buffers());
-    test::socket_pair first;
-    test::socket_pair second;
-    test::socket_pair third;
-    channel a = make_channel(ctx, first.release_a());
-    channel c = make_channel(ctx, third.release_a());
-    write_all(first.b, "never sent");
-    write_all(third.b, "copied");
+    peered_channels chans(ctx, {"never sent", "copied", "sent"});
     auto close_with_queued = [](channel& x, channel& y) -> task<void> {
         x.push(co_await x.read_some()); // queued in place; no send is started before close()
         y.push(co_await y.read_some()); // the one buffer allowed is kept by x: copied
         x.close();
         co_await y.drain();
     };
-    test::run_with_deadline(ctx, close_with_queued(a, c));
-    CHECK(a.stats().sends == 0);
-    CHECK(a.stats().bytes_sent_in_place == 0); // counted as sent, and nothing was
-    CHECK(c.stats().bytes_sent_in_place == 0);
-    // a's hold is released: another channel may keep a buffer now.
-    channel b = make_channel(ctx, second.release_a());
-    write_all(second.b, "sent");
+    test::run_with_deadline(ctx, close_with_queued(chans[0], chans[1]));
+    CHECK(chans[0].stats().sends == 0);
+    CHECK(chans[0].stats().bytes_sent_in_place == 0); // it counts bytes sent: none were
+    CHECK(chans[1].stats().bytes_sent_in_place == 0);
+    // The closed channel's hold is released: another channel may keep a buffer now.
     auto echo_once = [](channel& x) -> task<void> {
         x.push(co_await x.read_some());
         co_await x.drain();
     };
-    test::run_with_deadline(ctx, echo_once(b));
-    CHECK(b.stats().bytes_sent_in_place == 4);
-    char got[10] = {};
-    REQUIRE(::recv(second.b, got, 4, MSG_WAITALL) == 4);
-    CHECK(std::string_view(got, 4) == "sent");
-    REQUIRE(::recv(third.b, got, 6, MSG_WAITALL) == 6);
-    CHECK(std::string_view(got, 6) == "copied");
+    test::run_with_deadline(ctx, echo_once(chans[2]));
+    CHECK(chans[2].stats().bytes_sent_in_place == 4);
+    CHECK(chans.received(2, 4) == "sent");
+    CHECK(chans.received(1, 6) == "copied");
 }
 
 TEST_CASE("echoes queued behind output a slow peer never reads keep at most a quarter of the "
           "receive buffers, so other channels still receive into them") {
     io_context ctx(four_receive_buffers()); // a quarter: one buffer
-    constexpr int slow = 4;
-    std::vector<std::unique_ptr<test::socket_pair>> pairs;
-    std::vector<channel> chans;
-    for (int i = 0; i <= slow; ++i) {
-        pairs.push_back(std::make_unique<test::socket_pair>());
-        set_buffer_size(pairs.back()->a, SO_SNDBUF, 16 * 1024);
-        write_all(pairs.back()->b, i < slow ? "ping" : "fifth");
-        chans.push_back(make_channel(ctx, pairs.back()->release_a()));
-    }
+    constexpr std::size_t slow = 4;
+    peered_channels chans(ctx, {"ping", "ping", "ping", "ping", "fifth"}, 16 * 1024);
     auto next_read = [](channel& x) -> task<void> {
         try {
             co_await x.read_some(); // starting it ends the previous read's view
@@ -1313,9 +1313,9 @@ TEST_CASE("echoes queued behind output a slow peer never reads keep at most a qu
             CHECK(e.code() == errc::closed);
         }
     };
-    auto body = [](std::vector<channel>& cs, decltype(next_read) pending) -> task<void> {
-        for (int i = 0; i < slow; ++i) {
-            channel& x = cs[static_cast<std::size_t>(i)];
+    auto body = [](peered_channels& cs, decltype(next_read) pending) -> task<void> {
+        for (std::size_t i = 0; i < slow; ++i) {
+            channel& x = cs[i];
             x.push(std::string(mib, 'f'));  // more than the socket takes; the peer never reads
             x.push(co_await x.read_some()); // the echo waits behind it
             spawn(x.context(), pending(x));
@@ -1324,15 +1324,13 @@ TEST_CASE("echoes queued behind output a slow peer never reads keep at most a qu
         channel& fast = cs[slow];
         fast.push(co_await fast.read_some());
         co_await fast.drain();
-        for (int i = 0; i < slow; ++i) {
-            cs[static_cast<std::size_t>(i)].close();
+        for (std::size_t i = 0; i < slow; ++i) {
+            cs[i].close();
         }
     };
     test::run_with_deadline(ctx, body(chans, next_read));
     CHECK(chans[slow].stats().receive_submissions == 1); // its multishot recv never ran dry
-    char got[5] = {};
-    REQUIRE(::recv(pairs[slow]->b, got, 5, MSG_WAITALL) == 5);
-    CHECK(std::string_view(got, 5) == "fifth");
+    CHECK(chans.received(slow, 5) == "fifth");
 }
 
 TEST_CASE("a write() that need not wait may run while another coroutine waits in drain(); one "
