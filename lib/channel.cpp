@@ -377,7 +377,8 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         }
         if (queue.lent() != 0) {
             out_entry& last = queue.back();
-            if (!last.is_lent() || last.lender != borrowed_bid || queue.size() <= in_flight_entries ||
+            if (!last.is_lent() || last.lender != borrowed_bid ||
+                queue.size() <= in_flight_entries ||
                 last.chunk.data() + last.chunk.size() != bytes.data()) {
                 return false;
             }

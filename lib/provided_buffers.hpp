@@ -60,8 +60,6 @@ public:
         --held_;
         recycle(bid);
     }
-    /// Holds not yet released.
-    [[nodiscard]] unsigned held() const noexcept { return held_; }
 
     /// Buffers a channel keeps aside, in arrival order, until its next read takes them:
     /// chained through per-buffer links kept here, so a channel holds only this list head

@@ -227,9 +227,10 @@ private:
 ///
 /// Owns the stream, the input buffer and the send queue. One read at a time (a second
 /// concurrent read throws std::logic_error) and one coroutine waiting on the writer at a
-/// time (a write() below the high-water mark does not wait); io thread only. Move-only. Destroying the channel keeps nothing pushed from being
-/// lost: queued output is still sent, then the connection is shut down and closed (after
-/// a bounded linger), unless close() aborted it.
+/// time (a write() below the high-water mark does not wait); io thread only. Move-only.
+/// Destroying the channel keeps nothing pushed from being lost: queued output is still
+/// sent, then the connection is shut down and closed (after a bounded linger), unless
+/// close() aborted it.
 class channel {
 public:
     /// Takes ownership of the connected stream `s`. Throws std::invalid_argument for an
