@@ -489,18 +489,35 @@ TEST_CASE("read_exact into a span cancelled midway puts its bytes back") {
     }
 }
 
+namespace {
+
+// The peer's side of a timing test: after `delay`, sends `what` on the peer socket `fd`.
+task<void> answer_after(io_context& ctx, int fd, std::chrono::milliseconds delay,
+                        std::string what) {
+    co_await sleep_for(ctx, delay);
+    write_all(fd, what);
+}
+
+// Awaits `read`, which must fail with errc::timed_out.
+template <typename Read>
+task<void> expect_timeout(Read read) {
+    try {
+        co_await read;
+        FAIL("no timeout");
+    } catch (const std::system_error& e) {
+        CHECK(e.code() == errc::timed_out);
+    }
+}
+
+} // namespace
+
 TEST_CASE("a read that times out consumes nothing and the retry gets the whole frame") {
     io_context ctx;
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "partial");
     auto reader = [](channel& c, int peer) -> task<std::string> {
-        try {
-            co_await c.read_until("\n").with_timeout(20ms);
-            FAIL("no timeout");
-        } catch (const std::system_error& e) {
-            CHECK(e.code() == errc::timed_out);
-        }
+        co_await expect_timeout(c.read_until("\n").with_timeout(20ms));
         CHECK(c.buffered() == "partial");
         write_all(peer, " frame\n");
         co_return std::string(co_await c.read_until("\n").with_timeout(10s));
@@ -519,19 +536,11 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
         // Buffered frames complete without waiting, so the timeout never applies to them.
         std::string got(co_await c.read_until("\n"));
         for (int i = 0; i < 2; ++i) { // the timeout applies again to each later read
-            try {
-                co_await c.read_until("\n");
-                FAIL("no timeout");
-            } catch (const std::system_error& e) {
-                CHECK(e.code() == errc::timed_out);
-            }
+            co_await expect_timeout(c.read_until("\n"));
             CHECK(c.buffered() == "part"); // nothing consumed
         }
         // A read's own deadline replaces the channel's: this one outlives 30 ms.
-        spawn(c.context(), [](io_context& ctx, int fd) -> task<void> {
-            co_await sleep_for(ctx, 100ms);
-            write_all(fd, "ial\n");
-        }(c.context(), peer));
+        spawn(c.context(), answer_after(c.context(), peer, 100ms, "ial\n"));
         got += "|" + std::string(co_await c.read_until("\n").with_timeout(10s));
         co_return got;
     };
@@ -541,16 +550,8 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
     CHECK(ch.options().read_timeout == 0ms);
     auto unbounded = [](channel& c, int peer) -> task<std::string> {
         // A read's own deadline applies even when it is zero and the channel has none.
-        try {
-            co_await c.read_until("\n").with_timeout(0ms);
-            FAIL("no timeout");
-        } catch (const std::system_error& e) {
-            CHECK(e.code() == errc::timed_out);
-        }
-        spawn(c.context(), [](io_context& ctx, int fd) -> task<void> {
-            co_await sleep_for(ctx, 100ms);
-            write_all(fd, "late\n");
-        }(c.context(), peer));
+        co_await expect_timeout(c.read_until("\n").with_timeout(0ms));
+        spawn(c.context(), answer_after(c.context(), peer, 100ms, "late\n"));
         co_return std::string(co_await c.read_until("\n"));
     };
     CHECK(test::run_with_deadline(ctx, unbounded(ch, sp.b)) == "late");
@@ -562,24 +563,19 @@ TEST_CASE("read_timeout renewed by every read fires only for a read that waits t
     channel_options options;
     options.read_timeout = 150ms;
     channel ch = make_channel(ctx, sp.release_a(), options);
-    auto answer_after = [](io_context& x, int fd, std::chrono::milliseconds delay,
-                           std::string what) -> task<void> {
-        co_await sleep_for(x, delay);
-        write_all(fd, what);
-    };
-    auto reader = [](io_context& x, channel& c, int peer, auto answer) -> task<int> {
+    auto reader = [](io_context& x, channel& c, int peer) -> task<int> {
         // Ten reads answered after 30 ms each: 300 ms in all, twice the timeout, so every
         // read must have renewed the deadline (the wheel moves the entry on when its old
         // slot comes up).
         int answered = 0;
         for (int i = 0; i < 10; ++i) {
-            spawn(x, answer(x, peer, 30ms, "frame\n"));
+            spawn(x, answer_after(x, peer, 30ms, "frame\n"));
             answered += co_await c.read_until("\n") == "frame" ? 1 : 0;
         }
         // No timeout now: the last read's deadline, still on the wheel, must not fire this
         // read, which waits longer than that.
         c.set_read_timeout(0ms);
-        spawn(x, answer(x, peer, 400ms, "late\n"));
+        spawn(x, answer_after(x, peer, 400ms, "late\n"));
         answered += co_await c.read_until("\n") == "late" ? 1 : 0;
         // And with the timeout back, a read nobody answers times out.
         c.set_read_timeout(150ms);
@@ -593,7 +589,7 @@ TEST_CASE("read_timeout renewed by every read fires only for a read that waits t
         }
         co_return -1;
     };
-    CHECK(test::run_with_deadline(ctx, reader(ctx, ch, sp.b, answer_after)) == 11);
+    CHECK(test::run_with_deadline(ctx, reader(ctx, ch, sp.b)) == 11);
 }
 
 TEST_CASE("channel::peer() gives back the address it was made with, for every family") {
