@@ -15,7 +15,8 @@ std::unique_ptr<provided_buffers> provided_buffers::create(io_uring* ring, unsig
         return nullptr;
     }
     self->links_.reset(new (std::nothrow) link[count]);
-    if (!self->links_) {
+    self->holders_.reset(new (std::nothrow) std::uint8_t[count]());
+    if (!self->links_ || !self->holders_) {
         return nullptr;
     }
     self->ring_ = ring;
