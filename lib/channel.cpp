@@ -80,8 +80,12 @@ struct line_aligned_allocator {
     line_aligned_allocator() noexcept = default;
     template <typename U>
     line_aligned_allocator(const line_aligned_allocator<U>&) noexcept {}
-    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
-    void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), alignment); }
+    T* allocate(std::size_t n) {
+        return static_cast<T*>(::operator new(n * sizeof(T), alignment));
+    }
+    void deallocate(T* p, std::size_t n) noexcept {
+        ::operator delete(p, n * sizeof(T), alignment);
+    }
     template <typename U>
     bool operator==(const line_aligned_allocator<U>&) const noexcept { return true; }
 };
