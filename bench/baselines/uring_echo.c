@@ -14,12 +14,18 @@
 // buffers of 16 KiB; a recv that finds none left (-ENOBUFS) is re-armed after the next batch
 // has recycled some.
 //
+// --direct also installs each accepted socket in a registered file table (at the slot of
+// its own number) and names it by the slot in sends (IOSQE_FIXED_FILE): what direct
+// descriptors would save ringchat, measured without building them into the library
+// (docs/benchmarks.md).
+//
 // Raw echo by default. --echo speaks the seed's ECHO framing ("ECHO <len>\n" + <len> bytes,
 // payload echoed, many commands per connection); --once with it shuts the write side after
 // the first reply, like the seed's server. Prints "listening on ADDR:PORT" first; exits with
 // status 0 on SIGINT or SIGTERM.
 //
-// usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] [--buffers N] [--buffer-size B]
+// usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] [--direct] [--buffers N]
+//                   [--buffer-size B]
 
 #define _GNU_SOURCE
 
@@ -84,6 +90,8 @@ static struct conn* conns;
 static int max_fds;
 static int echo_mode;
 static int once;
+static int direct; // --direct: sends go through a registered copy of the descriptor
+static int* fd_numbers; // --direct: fd_numbers[fd] == fd, what a files update reads
 
 static struct io_uring_buf_ring* buf_ring;
 static char* buffers;
@@ -176,6 +184,18 @@ static void arm_recv(int fd) {
     set_data(sqe, fd, op_recv);
 }
 
+// --direct: installs the accepted socket in the registered file table at the slot of the
+// same number, so sends name it by the slot (IOSQE_FIXED_FILE) and skip the descriptor
+// lookup and reference count of each send. The update runs when the kernel consumes the SQE,
+// before any SQE after it, so the first send already finds the slot filled.
+static void register_fd(int fd) {
+    struct io_uring_sqe* sqe = get_sqe();
+    fd_numbers[fd] = fd; // read when the kernel consumes the SQE
+    io_uring_prep_files_update(sqe, &fd_numbers[fd], 1, fd);
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, 0);
+}
+
 static void queue_segment(struct conn* c, unsigned bid, uint32_t off, uint32_t len) {
     struct segment* s = new_segment();
     s->next = NULL;
@@ -220,6 +240,9 @@ static void start_send(int fd) {
         io_uring_prep_sendmsg(sqe, fd, &m->msg, MSG_NOSIGNAL);
         c->msg = m;
     }
+    if (direct) {
+        sqe->flags |= IOSQE_FIXED_FILE; // slot fd holds the same socket (see on_accept)
+    }
     set_data(sqe, fd, op_send);
     c->flags |= sending;
 }
@@ -242,7 +265,14 @@ static void progress(int fd) {
     if (c->flags & recv_done) {
         drop_queue(c);
         memset(c, 0, sizeof *c);
-        struct io_uring_sqe* sqe = get_sqe();
+        struct io_uring_sqe* sqe;
+        if (direct) {
+            sqe = get_sqe();
+            io_uring_prep_close_direct(sqe, (unsigned)fd); // the table's reference
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+            io_uring_sqe_set_data64(sqe, 0);
+        }
+        sqe = get_sqe();
         io_uring_prep_close(sqe, fd);
         sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
         io_uring_sqe_set_data64(sqe, 0);
@@ -390,6 +420,12 @@ static void setup_ring(void) {
         die("io_uring_queue_init_params", -ret);
     }
     io_uring_register_ring_fd(&ring); // an optimisation only: ignore failure
+    if (direct) {
+        ret = io_uring_register_files_sparse(&ring, (unsigned)max_fds);
+        if (ret < 0) {
+            die("io_uring_register_files_sparse", -ret);
+        }
+    }
 
     // liburing 2.3 has io_uring_register_buf_ring but not io_uring_setup_buf_ring: map the
     // ring ourselves.
@@ -429,6 +465,8 @@ int main(int argc, char** argv) {
             port = strtol(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--echo") == 0) {
             echo_mode = 1;
+        } else if (strcmp(argv[i], "--direct") == 0) {
+            direct = 1;
         } else if (strcmp(argv[i], "--once") == 0) {
             once = 1;
         } else if (strcmp(argv[i], "--buffers") == 0 && i + 1 < argc) {
@@ -437,7 +475,7 @@ int main(int argc, char** argv) {
             buffer_size = (unsigned)strtoul(argv[++i], NULL, 10);
         } else {
             fprintf(stderr, "usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] "
-                            "[--buffers N] [--buffer-size B]\n");
+                            "[--direct] [--buffers N] [--buffer-size B]\n");
             return 64;
         }
     }
@@ -480,7 +518,8 @@ int main(int argc, char** argv) {
     // Untouched pages of these tables cost no memory: a connection costs its slot.
     conns = calloc((size_t)max_fds, sizeof *conns);
     starved_fds = calloc((size_t)max_fds, sizeof *starved_fds);
-    if (conns == NULL || starved_fds == NULL) {
+    fd_numbers = calloc((size_t)max_fds, sizeof *fd_numbers);
+    if (conns == NULL || starved_fds == NULL || fd_numbers == NULL) {
         die("calloc", ENOMEM);
     }
     setup_ring();
@@ -511,6 +550,9 @@ int main(int argc, char** argv) {
                 if (cqe->res >= 0) {
                     if (cqe->res < max_fds) {
                         memset(&conns[cqe->res], 0, sizeof *conns);
+                        if (direct) {
+                            register_fd(cqe->res);
+                        }
                         arm_recv(cqe->res);
                     } else {
                         close(cqe->res);
