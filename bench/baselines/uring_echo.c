@@ -187,7 +187,9 @@ static void arm_recv(int fd) {
 // --direct: installs the accepted socket in the registered file table at the slot of the
 // same number, so sends name it by the slot (IOSQE_FIXED_FILE) and skip the descriptor
 // lookup and reference count of each send. The update runs when the kernel consumes the SQE,
-// before any SQE after it, so the first send already finds the slot filled.
+// before any SQE after it, so the first send already finds the slot filled. Should the
+// update fail (out of kernel memory), its completion carries user_data 0 and is ignored; the
+// connection's sends then fail with EBADF and it is dropped like any failed connection.
 static void register_fd(int fd) {
     struct io_uring_sqe* sqe = get_sqe();
     fd_numbers[fd] = fd; // read when the kernel consumes the SQE
