@@ -243,7 +243,7 @@ static void start_send(int fd) {
         c->msg = m;
     }
     if (direct) {
-        sqe->flags |= IOSQE_FIXED_FILE; // slot fd holds the same socket (see on_accept)
+        sqe->flags |= IOSQE_FIXED_FILE; // slot fd holds the same socket (register_fd)
     }
     set_data(sqe, fd, op_send);
     c->flags |= sending;
