@@ -19,13 +19,19 @@
 // descriptors would save ringchat, measured without building them into the library
 // (docs/benchmarks.md).
 //
+// --touch N gives each connection N more cache lines of state, next to the previous
+// descriptor's (as a heap places objects allocated one after the other), and writes all N on
+// each receive and each send completion: a stand-in for the state a library keeps and touches
+// per message, to measure what such lines cost in a server that does nothing else
+// differently (docs/benchmarks.md, bench/footprint).
+//
 // Raw echo by default. --echo speaks the seed's ECHO framing ("ECHO <len>\n" + <len> bytes,
 // payload echoed, many commands per connection); --once with it shuts the write side after
 // the first reply, like the seed's server. Prints "listening on ADDR:PORT" first; exits with
 // status 0 on SIGINT or SIGTERM.
 //
 // usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] [--direct] [--buffers N]
-//                   [--buffer-size B]
+//                   [--buffer-size B] [--touch N]
 
 #define _GNU_SOURCE
 
@@ -92,6 +98,9 @@ static int echo_mode;
 static int once;
 static int direct; // --direct: sends go through a registered copy of the descriptor
 static int* fd_numbers; // --direct: fd_numbers[fd] == fd, what a files update reads
+#define MAX_TOUCH 32
+static unsigned touch_lines;      // --touch: lines of state per connection
+static unsigned char* touch_area; // --touch: touch_lines lines per descriptor
 
 static struct io_uring_buf_ring* buf_ring;
 static char* buffers;
@@ -334,8 +343,20 @@ static void parse_echo(int fd, unsigned bid, uint32_t len) {
     }
 }
 
+// --touch: writes each line of the connection's part of touch_area.
+static void touch(int fd) {
+    if (touch_lines == 0) {
+        return;
+    }
+    unsigned char* area = touch_area + (size_t)fd * touch_lines * 64;
+    for (unsigned i = 0; i < touch_lines; ++i) {
+        ++*(volatile unsigned char*)(area + i * 64);
+    }
+}
+
 static void on_recv(int fd, int res, unsigned cqe_flags) {
     struct conn* c = &conns[fd];
+    touch(fd);
     if (res > 0) {
         unsigned bid = cqe_flags >> IORING_CQE_BUFFER_SHIFT;
         ++buffer_refs[bid]; // held while parsing; segments take their own references
@@ -372,6 +393,7 @@ static void on_recv(int fd, int res, unsigned cqe_flags) {
 
 static void on_send(int fd, int res) {
     struct conn* c = &conns[fd];
+    touch(fd);
     c->flags &= (uint16_t)~sending;
     if (c->msg != NULL) {
         c->msg->next_free = free_msgs;
@@ -475,16 +497,19 @@ int main(int argc, char** argv) {
             buffer_count = (unsigned)strtoul(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--buffer-size") == 0 && i + 1 < argc) {
             buffer_size = (unsigned)strtoul(argv[++i], NULL, 10);
+        } else if (strcmp(argv[i], "--touch") == 0 && i + 1 < argc) {
+            touch_lines = (unsigned)strtoul(argv[++i], NULL, 10);
         } else {
             fprintf(stderr, "usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] "
-                            "[--direct] [--buffers N] [--buffer-size B]\n");
+                            "[--direct] [--buffers N] [--buffer-size B] [--touch N]\n");
             return 64;
         }
     }
     if (port < 0 || port > 65535 || buffer_count == 0 || buffer_count > 32768 ||
-        (buffer_count & (buffer_count - 1)) != 0 || buffer_size == 0 || (once && !echo_mode)) {
+        (buffer_count & (buffer_count - 1)) != 0 || buffer_size == 0 || (once && !echo_mode) ||
+        touch_lines > MAX_TOUCH) {
         fprintf(stderr, "uring_echo: bad arguments (--buffers: a power of two up to 32768; "
-                        "--once needs --echo)\n");
+                        "--once needs --echo; --touch: at most 32 lines)\n");
         return 64;
     }
 
@@ -521,7 +546,11 @@ int main(int argc, char** argv) {
     conns = calloc((size_t)max_fds, sizeof *conns);
     starved_fds = calloc((size_t)max_fds, sizeof *starved_fds);
     fd_numbers = calloc((size_t)max_fds, sizeof *fd_numbers);
-    if (conns == NULL || starved_fds == NULL || fd_numbers == NULL) {
+    if (touch_lines > 0) {
+        touch_area = aligned_alloc(64, (size_t)max_fds * touch_lines * 64);
+    }
+    if (conns == NULL || starved_fds == NULL || fd_numbers == NULL ||
+        (touch_lines > 0 && touch_area == NULL)) {
         die("calloc", ENOMEM);
     }
     setup_ring();
