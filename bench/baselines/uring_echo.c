@@ -25,13 +25,21 @@
 // per message, to measure what such lines cost in a server that does nothing else
 // differently (docs/benchmarks.md, bench/footprint).
 //
+// Two modes measure what the completion model costs at light load (docs/benchmarks.md):
+//   --sync-send sends a connection's queued bytes with a send() system call when it can
+//     take them all at once, and through the ring only what it leaves;
+//   --poll (raw mode only) receives by readiness instead: a multishot poll per connection,
+//     then read() and write() system calls, epoll's pattern with the ring as the poller. A
+//     write that the socket cannot take at once waits in poll(), stalling the loop: this
+//     mode is for measuring, not for serving many peers.
+//
 // Raw echo by default. --echo speaks the seed's ECHO framing ("ECHO <len>\n" + <len> bytes,
 // payload echoed, many commands per connection); --once with it shuts the write side after
 // the first reply, like the seed's server. Prints "listening on ADDR:PORT" first; exits with
 // status 0 on SIGINT or SIGTERM.
 //
 // usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] [--direct] [--buffers N]
-//                   [--buffer-size B] [--touch N]
+//                   [--buffer-size B] [--touch N] [--sync-send | --poll]
 
 #define _GNU_SOURCE
 
@@ -41,6 +49,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -52,7 +61,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum op { op_accept = 1, op_recv, op_send, op_signal };
+enum op { op_accept = 1, op_recv, op_send, op_signal, op_poll };
 
 enum conn_flags {
     sending = 1,     // a send is in flight
@@ -97,6 +106,8 @@ static int max_fds;
 static int echo_mode;
 static int once;
 static int direct; // --direct: sends go through a registered copy of the descriptor
+static int sync_send; // --sync-send
+static int poll_mode; // --poll
 static int* fd_numbers; // --direct: fd_numbers[fd] == fd, what a files update reads
 #define MAX_TOUCH 32
 static unsigned touch_lines;      // --touch: lines of state per connection
@@ -181,7 +192,8 @@ static void unref_buffer(unsigned bid) {
 
 static void arm_accept(int lfd) {
     struct io_uring_sqe* sqe = get_sqe();
-    io_uring_prep_multishot_accept(sqe, lfd, NULL, NULL, SOCK_CLOEXEC);
+    io_uring_prep_multishot_accept(sqe, lfd, NULL, NULL,
+                                   SOCK_CLOEXEC | (poll_mode ? SOCK_NONBLOCK : 0));
     set_data(sqe, lfd, op_accept);
 }
 
@@ -233,10 +245,24 @@ static void drop_queue(struct conn* c) {
     c->tail = NULL;
 }
 
+static void on_send(int fd, int res);
+
 static void start_send(int fd) {
     struct conn* c = &conns[fd];
-    struct io_uring_sqe* sqe = get_sqe();
     struct segment* s = c->head;
+    if (sync_send && s->next == NULL) {
+        ssize_t n = send(fd, buffer_at(s->bid) + s->off, s->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n == (ssize_t)s->len) {
+            c->flags |= sending;
+            on_send(fd, (int)n); // as if the ring had sent it: frees the segment, progresses
+            return;
+        }
+        if (n > 0) { // the ring sends the rest
+            s->off += (uint32_t)n;
+            s->len -= (uint32_t)n;
+        }
+    }
+    struct io_uring_sqe* sqe = get_sqe();
     if (s->next == NULL) {
         io_uring_prep_send(sqe, fd, buffer_at(s->bid) + s->off, s->len, MSG_NOSIGNAL);
     } else {
@@ -424,6 +450,85 @@ static void on_send(int fd, int res) {
     progress(fd);
 }
 
+// --poll: one multishot poll for input per connection.
+static void arm_poll(int fd) {
+    struct io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+    set_data(sqe, fd, op_poll);
+}
+
+// --poll: ends the connection. The poll holds a reference to the socket, so it is removed
+// first, and the close is hard-linked behind the removal: the descriptor's number cannot be
+// accepted again while a removal aimed at its user_data is pending. Completions still queued
+// for the connection find it failed and are ignored (the accept clears the flag).
+static void close_polled(int fd, int poll_armed) {
+    conns[fd].flags |= failed;
+    struct io_uring_sqe* sqe;
+    if (poll_armed) {
+        sqe = get_sqe();
+        io_uring_prep_poll_remove(sqe, ((uint64_t)fd << 8) | op_poll);
+        sqe->flags |= IOSQE_IO_HARDLINK | IOSQE_CQE_SKIP_SUCCESS;
+        io_uring_sqe_set_data64(sqe, 0);
+    }
+    sqe = get_sqe();
+    io_uring_prep_close(sqe, fd);
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, 0);
+}
+
+// --poll: writes all of it, waiting in poll() while the socket's buffer is full.
+static int write_all(int fd, const char* p, size_t len) {
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+        } else if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            poll(&pfd, 1, -1);
+        } else if (n < 0 && errno != EINTR) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+// --poll: the socket is readable. Reads until a read comes back short (the socket is
+// drained) and echoes each piece.
+static void on_poll(int fd, int res, unsigned cqe_flags) {
+    static char piece[16384];
+    const int armed = (cqe_flags & IORING_CQE_F_MORE) != 0;
+    if (conns[fd].flags & failed) {
+        return; // closing
+    }
+    if (res < 0) {
+        close_polled(fd, armed);
+        return;
+    }
+    for (;;) {
+        ssize_t n = read(fd, piece, sizeof piece);
+        if (n > 0) {
+            if (write_all(fd, piece, (size_t)n) < 0) {
+                close_polled(fd, armed);
+                return;
+            }
+            if ((size_t)n < sizeof piece) {
+                break;
+            }
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            break;
+        } else {
+            close_polled(fd, armed); // EOF or an error
+            return;
+        }
+    }
+    if (!armed) {
+        arm_poll(fd); // the kernel ended the multishot poll: start another
+    }
+}
+
 static void setup_ring(void) {
     struct io_uring_params p;
     unsigned tries[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
@@ -497,19 +602,25 @@ int main(int argc, char** argv) {
             buffer_count = (unsigned)strtoul(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--buffer-size") == 0 && i + 1 < argc) {
             buffer_size = (unsigned)strtoul(argv[++i], NULL, 10);
+        } else if (strcmp(argv[i], "--sync-send") == 0) {
+            sync_send = 1;
+        } else if (strcmp(argv[i], "--poll") == 0) {
+            poll_mode = 1;
         } else if (strcmp(argv[i], "--touch") == 0 && i + 1 < argc) {
             touch_lines = (unsigned)strtoul(argv[++i], NULL, 10);
         } else {
             fprintf(stderr, "usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] "
-                            "[--direct] [--buffers N] [--buffer-size B] [--touch N]\n");
+                            "[--direct] [--buffers N] [--buffer-size B] [--touch N] "
+                            "[--sync-send | --poll]\n");
             return 64;
         }
     }
     if (port < 0 || port > 65535 || buffer_count == 0 || buffer_count > 32768 ||
         (buffer_count & (buffer_count - 1)) != 0 || buffer_size == 0 || (once && !echo_mode) ||
-        touch_lines > MAX_TOUCH) {
+        touch_lines > MAX_TOUCH || (poll_mode && (echo_mode || direct || sync_send))) {
         fprintf(stderr, "uring_echo: bad arguments (--buffers: a power of two up to 32768; "
-                        "--once needs --echo; --touch: at most 32 lines)\n");
+                        "--once needs --echo; --touch: at most 32 lines; --poll: raw mode, "
+                        "without --direct or --sync-send)\n");
         return 64;
     }
 
@@ -584,7 +695,11 @@ int main(int argc, char** argv) {
                         if (direct) {
                             register_fd(cqe->res);
                         }
-                        arm_recv(cqe->res);
+                        if (poll_mode) {
+                            arm_poll(cqe->res);
+                        } else {
+                            arm_recv(cqe->res);
+                        }
                     } else {
                         close(cqe->res);
                     }
@@ -598,6 +713,9 @@ int main(int argc, char** argv) {
                 break;
             case op_send:
                 on_send(fd, cqe->res);
+                break;
+            case op_poll:
+                on_poll(fd, cqe->res, cqe->flags);
                 break;
             case op_signal:
                 running = 0;
