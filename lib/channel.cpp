@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 namespace ringchat {
@@ -560,6 +561,9 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
             notify_writer(); // last: the resumed coroutine may destroy the channel
             return;
         }
+        if (ctx->direct_sends_now() && send_directly(iov, iovcnt, entries)) {
+            return;
+        }
         if (iovcnt == 1) {
             io_uring_sqe* sqe = ctx->get_sqe();
             io_uring_prep_send(sqe, fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
@@ -582,6 +586,29 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         io_uring_sqe* sqe = ctx->get_sqe();
         io_uring_prep_sendmsg(sqe, fd, &scratch->message, MSG_NOSIGNAL);
         start_send(sqe, entries);
+    }
+
+    // Light load: sends with a system call of its own, and handles the result as the send's
+    // completion would have been handled (on_send). Returns false if the socket took nothing
+    // (its buffer is full): the ring sends it then. A partial send leaves the rest queued,
+    // and on_send asks for another flush, which goes through the ring if the socket is
+    // still full.
+    bool send_directly(iovec* iov, std::size_t iovcnt, std::size_t entries) noexcept {
+        msghdr message{};
+        message.msg_iov = iov;
+        message.msg_iovlen = iovcnt;
+        const ssize_t n = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            return false;
+        }
+        if (n >= 0) {
+            ++stats.direct_sends;
+        }
+        sending = true; // as on_send expects
+        in_flight_entries = entries;
+        // A single nonblocking send never takes more than the socket's buffer: fits an int.
+        on_send(n >= 0 ? static_cast<int>(n) : -errno);
+        return true;
     }
 
     void start_send(io_uring_sqe* sqe, std::size_t entries) noexcept {

@@ -431,6 +431,7 @@ void io_context::reap() noexcept {
         completions_.push_back({cqe->user_data, cqe->res, cqe->flags});
     }
     io_uring_cq_advance(&ring_, seen);
+    last_reaped_ = seen;
 }
 
 namespace {
@@ -600,7 +601,9 @@ void io_context::run() {
         }
         reap();
     }
-    // Hand prepared SQEs (sends, closes, cancels) to the kernel even when returning.
+    // Hand prepared SQEs (sends, closes, cancels) to the kernel even when returning; through
+    // the ring only, so that no send completes (and resumes a writer) after run() is done.
+    last_reaped_ = 0;
     run_flushes();
     io_uring_submit(&ring_);
 }

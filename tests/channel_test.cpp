@@ -151,12 +151,12 @@ void check_every_chunking_of_the_three_modes(io_context& ctx) {
 }
 
 TEST_CASE("every chunking of a small input gives the same frames in all three modes") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     check_every_chunking_of_the_three_modes(ctx);
 }
 
 TEST_CASE("a multi-byte terminator that overlaps itself is found under every chunking") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     const std::string input = "xaaaabyaab";
     const std::vector<std::string> expected{"xaa", "y"};
     for (const auto& chunks : all_chunkings(input.size())) {
@@ -167,14 +167,14 @@ TEST_CASE("a multi-byte terminator that overlaps itself is found under every chu
 }
 
 TEST_CASE("read_until finds a terminator split across reads") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     auto reader = [](channel& ch) { return frames_until_eof(ch, "\r\n\r\n"); };
     CHECK(run_chunked(ctx, "head\r\n\r\nbody\r\n\r\n", {5, 1, 1, 1, 3, 2, 1, 1, 1},
                       reader) == std::vector<std::string>{"head", "body"});
 }
 
 TEST_CASE("many frames arriving in one receive are all returned without another receive") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "one\ntwo\nthree\n");
@@ -191,7 +191,7 @@ TEST_CASE("many frames arriving in one receive are all returned without another 
 }
 
 TEST_CASE("switching from a terminator to a byte count keeps bytes already received") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "ECHO 5\nhello");
@@ -205,7 +205,7 @@ TEST_CASE("switching from a terminator to a byte count keeps bytes already recei
 }
 
 TEST_CASE("seeded random chunking of a large input keeps every frame intact") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     const unsigned seed = 20261124;
     std::mt19937 rng(seed);
     std::vector<std::string> expected;
@@ -227,7 +227,7 @@ TEST_CASE("seeded random chunking of a large input keeps every frame intact") {
 }
 
 TEST_CASE("a 1 MiB frame dribbled in small pieces is searched in linear time") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     const std::size_t size = 1u << 20;
     std::string input(size, 'a');
     input += "\r\n";
@@ -253,7 +253,7 @@ TEST_CASE("a 1 MiB frame dribbled in small pieces is searched in linear time") {
 }
 
 TEST_CASE("a frame over the limit raises frame_too_large and keeps the bytes, then recovers") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.max_frame = 16;
     test::socket_pair sp;
@@ -280,7 +280,7 @@ TEST_CASE("a frame over the limit raises frame_too_large and keeps the bytes, th
 }
 
 TEST_CASE("discard drops buffered bytes after an oversized frame") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.max_frame = 4;
     test::socket_pair sp;
@@ -296,7 +296,7 @@ TEST_CASE("discard drops buffered bytes after an oversized frame") {
 }
 
 TEST_CASE("EOF inside a frame is incomplete_read; EOF between frames is eof") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     SUBCASE("terminator mode") {
         auto reader = [](channel& ch) -> task<int> {
             CHECK(co_await ch.read_until("\n") == "abc");
@@ -363,7 +363,7 @@ TEST_CASE("EOF inside a frame is incomplete_read; EOF between frames is eof") {
 }
 
 TEST_CASE("read_exact of zero bytes returns at once") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     auto reader = [](channel& c) -> task<std::size_t> { co_return (co_await c.read_exact(0)).size(); };
@@ -372,7 +372,7 @@ TEST_CASE("read_exact of zero bytes returns at once") {
 }
 
 TEST_CASE("read_exact above max_buffer is refused before reading") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.max_buffer = 1000;
     test::socket_pair sp;
@@ -389,7 +389,7 @@ TEST_CASE("read_exact above max_buffer is refused before reading") {
 }
 
 TEST_CASE("skip discards bytes whether buffered or not") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     auto reader = [](channel& ch) -> task<std::string> {
         CHECK(co_await ch.skip(5) == 5);
         co_return std::string(co_await ch.read_until("\n"));
@@ -398,7 +398,7 @@ TEST_CASE("skip discards bytes whether buffered or not") {
 }
 
 TEST_CASE("an owned read returns a string that outlives later reads") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     auto reader = [](channel& ch) -> task<std::string> {
         std::string first = co_await ch.read_until("\n").owned();
         co_await ch.read_until("\n");
@@ -413,7 +413,7 @@ TEST_CASE("a read cancelled at any point consumes nothing and can be retried") {
     std::vector<std::size_t> chunks{3, 3, 3, 3, 3, 4};
     for (std::size_t cancel_after = 0; cancel_after <= pieces; ++cancel_after) {
         CAPTURE(cancel_after);
-        io_context ctx;
+        io_context ctx(test::context_options());
         test::socket_pair sp;
         channel ch = make_channel(ctx, sp.release_a());
         cancel_source source;
@@ -453,7 +453,7 @@ TEST_CASE("a read cancelled at any point consumes nothing and can be retried") {
 TEST_CASE("read_exact into a span cancelled midway puts its bytes back") {
     for (std::size_t cancel_after = 1; cancel_after < 4; ++cancel_after) {
         CAPTURE(cancel_after);
-        io_context ctx;
+        io_context ctx(test::context_options());
         test::socket_pair sp;
         channel ch = make_channel(ctx, sp.release_a());
         cancel_source source;
@@ -512,7 +512,7 @@ task<void> expect_timeout(Read read) {
 } // namespace
 
 TEST_CASE("a read that times out consumes nothing and the retry gets the whole frame") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "partial");
@@ -526,7 +526,7 @@ TEST_CASE("a read that times out consumes nothing and the retry gets the whole f
 }
 
 TEST_CASE("channel_options::read_timeout bounds every read that waits; with_timeout overrides it") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel_options options;
     options.read_timeout = 30ms;
@@ -558,7 +558,7 @@ TEST_CASE("channel_options::read_timeout bounds every read that waits; with_time
 }
 
 TEST_CASE("read_timeout renewed by every read fires only for a read that waits too long") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel_options options;
     options.read_timeout = 150ms;
@@ -593,7 +593,7 @@ TEST_CASE("read_timeout renewed by every read fires only for a read that waits t
 }
 
 TEST_CASE("channel::peer() gives back the address it was made with, for every family") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     const address addresses[] = {
         address::parse("127.0.0.1:4242"),
         address::parse("[::1]:65535"),
@@ -612,7 +612,7 @@ TEST_CASE("channel::peer() gives back the address it was made with, for every fa
 }
 
 TEST_CASE("a second concurrent read on one channel is refused") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     auto first = [](channel& c) -> task<void> { co_await c.read_until("\n"); };
@@ -631,7 +631,7 @@ TEST_CASE("a second concurrent read on one channel is refused") {
 }
 
 TEST_CASE("an empty terminator is rejected") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     CHECK_THROWS_AS((void)ch.read_until(""), std::invalid_argument);
@@ -639,7 +639,7 @@ TEST_CASE("an empty terminator is rejected") {
 }
 
 TEST_CASE("an idle channel releases a large input buffer") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.keep_buffer = 4096;
     test::socket_pair sp;
@@ -666,7 +666,7 @@ TEST_CASE("an idle channel releases a large input buffer") {
 }
 
 TEST_CASE("a channel whose multishot recv stays armed still releases a large buffer when idle") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.keep_buffer = 4096;
     test::socket_pair sp;
@@ -702,14 +702,14 @@ TEST_CASE("a channel whose multishot recv stays armed still releases a large buf
 }
 
 TEST_CASE("framing is the same with the shared receive buffers turned off") {
-    io_context_options options;
+    io_context_options options = test::context_options();
     options.receive_buffers = 0;
     io_context ctx(options);
     check_every_chunking_of_the_three_modes(ctx);
 }
 
 TEST_CASE("framing is the same with multishot receives turned off") {
-    io_context_options options;
+    io_context_options options = test::context_options();
     options.multishot_receive = false;
     io_context ctx(options);
     check_every_chunking_of_the_three_modes(ctx);
@@ -718,7 +718,7 @@ TEST_CASE("framing is the same with multishot receives turned off") {
 TEST_CASE("one multishot receive serves a whole conversation; without it, one recv per read") {
     for (bool multishot : {true, false}) {
         CAPTURE(multishot);
-        io_context_options options;
+        io_context_options options = test::context_options();
         options.multishot_receive = multishot;
         io_context ctx(options);
         test::socket_pair sp;
@@ -748,7 +748,7 @@ TEST_CASE("one multishot receive serves a whole conversation; without it, one re
 }
 
 TEST_CASE("bytes that arrive between reads wait aside; the last read's view stays intact") {
-    io_context_options options;
+    io_context_options options = test::context_options();
     options.receive_buffers = 4; // the first frame's buffer, three to park, then none left
     io_context ctx(options);
     test::socket_pair sp;
@@ -801,7 +801,7 @@ std::thread send_from_thread(int fd, const std::string& bytes) {
 } // namespace
 
 TEST_CASE("between reads a channel parks about keep_buffer bytes, then leaves the rest to TCP") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel_options options;
     options.keep_buffer = 16 * 1024;
@@ -830,7 +830,7 @@ TEST_CASE("between reads a channel parks about keep_buffer bytes, then leaves th
 }
 
 TEST_CASE("read_exact into a large span ends the multishot receive and receives into the span") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     const std::string payload = test::pattern(2, 4'000'000); // more than the socket holds
@@ -852,7 +852,7 @@ TEST_CASE("read_exact into a large span ends the multishot receive and receives 
 }
 
 TEST_CASE("run() returns when nothing waits, though an idle channel's multishot recv is armed") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "hello\n");
@@ -899,7 +899,7 @@ TEST_CASE("a linger on the multishot recv keeps run() going; the context can end
         test::socket_pair sp;
         std::chrono::steady_clock::duration ran{};
         {
-            io_context ctx;
+            io_context ctx(test::context_options());
             {
                 channel_options options;
                 options.linger = destroy_early ? std::chrono::milliseconds(10'000) : 50ms;
@@ -936,7 +936,7 @@ TEST_CASE("a read whose own receive returns as its channel is dropped fails; the
     // recv next to the linger's receive, and the core was freed with one still in flight).
     test::socket_pair tp;
     test::socket_pair op;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.linger = 50ms;
     auto target = std::make_unique<channel>(make_channel(ctx, tp.release_a(), options));
@@ -985,7 +985,7 @@ TEST_CASE("a read whose own receive returns as its channel is dropped fails; the
 }
 
 TEST_CASE("a channel waiting with nothing buffered holds no receive buffer of its own") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "ECHO 3\nabc");
@@ -1002,7 +1002,7 @@ TEST_CASE("a channel waiting with nothing buffered holds no receive buffer of it
 }
 
 TEST_CASE("when every shared receive buffer is taken, reads fall back to the channel's own") {
-    io_context_options options;
+    io_context_options options = test::context_options();
     options.receive_buffers = 1; // one buffer for the whole context
     io_context ctx(options);
     test::socket_pair first;
@@ -1022,7 +1022,7 @@ TEST_CASE("when every shared receive buffer is taken, reads fall back to the cha
 }
 
 TEST_CASE("read deadlines on the timer wheel: short ones fire, answered reads complete") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     constexpr int count = 40;
     std::vector<std::unique_ptr<test::socket_pair>> pairs;
     std::vector<channel> channels;
@@ -1062,7 +1062,7 @@ TEST_CASE("read deadlines on the timer wheel: short ones fire, answered reads co
 }
 
 TEST_CASE("a read deadline longer than one turn of the wheel fires, and not early") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     const auto timeout = std::chrono::milliseconds(2700); // the wheel spans 2.56 s

@@ -287,7 +287,7 @@ task<void> push_every_kind(io_context& ctx, channel& ch, int peer, std::vector<s
 
 TEST_CASE("pushes of views, strings and producers arrive in call order, byte-exact") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     std::vector<std::size_t> sizes;
     std::size_t string_calls = 0;
@@ -310,7 +310,7 @@ task<void> drain_each_chunk(io_context& ctx, channel& ch, int peer, std::vector<
 
 TEST_CASE("drain after pushing only a producer returns once the producer is exhausted") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     std::vector<std::size_t> sizes;
     std::size_t sends = 0;
@@ -344,7 +344,7 @@ task<void> push_then_failing_producer(io_context& ctx, channel& ch, int peer) {
 
 TEST_CASE("a producer that throws from more() makes drain() rethrow its exception") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, push_then_failing_producer(ctx, ch, sp.b));
     // Nothing reached the peer beyond what the test already read.
@@ -367,7 +367,7 @@ task<void> producer_throwing_at_once(io_context& ctx, channel& ch, int peer, boo
 
 TEST_CASE("a producer that throws on its first more() fails drain() once the writer reaches it") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     bool bytes_before = false;
     SUBCASE("alone") {}
@@ -402,7 +402,7 @@ task<void> push_many_small(io_context& ctx, channel& ch, int peer, bool owned) {
 
 TEST_CASE("100 small pushes in one go go out in very few sends and arrive intact") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
 
     // Views are copied into one coalesced buffer: one send (measured: 1).
@@ -442,7 +442,7 @@ task<void> drain_waits(io_context& ctx, channel& ch, int peer) {
 
 TEST_CASE("drain waits until everything queued has been sent") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, drain_waits(ctx, ch, sp.b));
     CHECK(ch.stats().bytes_sent == 4 * mib);
@@ -459,7 +459,7 @@ task<void> drain_empty(channel& ch) {
 
 TEST_CASE("drain on an empty queue returns at once") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, drain_empty(ch));
     CHECK(ch.stats().sends == 0);
@@ -536,7 +536,7 @@ TEST_CASE("write() waits above the high-water mark until the peer reads, then re
     test::socket_pair sp;
     set_buffer_size(sp.a, SO_SNDBUF, 4096);
     set_buffer_size(sp.b, SO_RCVBUF, 4096);
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.high_water = 64 * 1024;
     options.low_water = 16 * 1024;
@@ -568,7 +568,7 @@ task<void> producer_chunk_counts(io_context& ctx, channel& ch, int peer) {
 TEST_CASE("queued_bytes counts the chunk of a producer that is being sent") {
     test::socket_pair sp;
     set_buffer_size(sp.a, SO_SNDBUF, 4096);
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, producer_chunk_counts(ctx, ch, sp.b));
 }
@@ -619,14 +619,14 @@ task<void> peer_reads_reply(io_context& ctx, test::socket_pair& sp, bool spawn_h
 
 TEST_CASE("co_await close_when_done() delivers everything queued, then EOF") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::run_with_deadline(ctx, peer_reads_reply(ctx, sp, true));
 }
 
 TEST_CASE("close_when_done() without co_await and then destroying the channel still delivers "
           "everything, then EOF") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     {
         channel ch = make_channel(ctx, sp.release_a());
         push_big_reply(ch);
@@ -638,7 +638,7 @@ TEST_CASE("close_when_done() without co_await and then destroying the channel st
 
 TEST_CASE("destroying a channel with queued output still delivers it, then EOF") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     {
         channel ch = make_channel(ctx, sp.release_a());
         push_big_reply(ch);
@@ -675,7 +675,7 @@ task<void> linger_gives_up(io_context& ctx, test::socket_pair& sp,
 
 TEST_CASE("a lingering channel whose peer never closes closes when the linger time is over") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     const auto before = std::chrono::steady_clock::now();
     {
         channel_options options;
@@ -690,7 +690,7 @@ TEST_CASE("a lingering channel whose peer never closes closes when the linger ti
 TEST_CASE("destroying a channel in the middle of sending still delivers everything") {
     test::socket_pair sp;
     set_buffer_size(sp.a, SO_SNDBUF, 4096);
-    io_context ctx;
+    io_context ctx(test::context_options());
     struct steps {
         static task<void> start_sending(io_context& ctx, channel& ch) {
             push_big_reply(ch);
@@ -726,7 +726,7 @@ task<void> half_close(io_context& ctx, channel& ch, int peer) {
 
 TEST_CASE("shutdown_send() gives the peer EOF while the channel keeps reading") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, half_close(ctx, ch, sp.b));
 }
@@ -806,9 +806,58 @@ task<void> still_works(io_context& ctx) {
     CHECK(co_await read_count(ctx, sp.b, 11) == "still alive");
 }
 
+TEST_CASE("at light load a reply goes out with a send call of the channel's own; "
+          "direct_sends = false keeps it in the ring") {
+    for (const bool direct : {true, false}) {
+        CAPTURE(direct);
+        io_context_options options;
+        options.direct_sends = direct;
+        io_context ctx(options);
+        test::socket_pair sp;
+        channel ch = make_channel(ctx, sp.release_a());
+        write_all(sp.b, "ping\n");
+        auto body = [](io_context& c, channel& x, int peer) -> task<std::string> {
+            // The request's receive is the only completion of its wait: light load.
+            std::string request(co_await x.read_until("\n"));
+            x.push("pong to " + request);
+            co_await x.drain();
+            co_return co_await read_count(c, peer, 12);
+        };
+        CHECK(test::run_with_deadline(ctx, body(ctx, ch, sp.b)) == "pong to ping");
+        CHECK(ch.stats().sends == 1);
+        CHECK(ch.stats().bytes_sent == 12);
+        CHECK(ch.stats().direct_sends == (direct ? 1 : 0));
+    }
+}
+
+TEST_CASE("what a direct send leaves, the socket being full, goes through the ring in order") {
+    io_context_options options;
+    options.direct_sends = true;
+    io_context ctx(options);
+    test::socket_pair sp;
+    set_buffer_size(sp.a, SO_SNDBUF, 64 * 1024);
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "go");
+    const std::string payload = pattern(7, 4 * mib);
+    auto body = [](io_context& c, channel& x, int peer,
+                   const std::string& bytes) -> task<std::string> {
+        CHECK(co_await x.read_exact(2) == "go");
+        x.push(std::string_view(bytes)); // more than the socket takes at once
+        std::string got = co_await read_count(c, peer, bytes.size());
+        co_await x.drain();
+        co_return got;
+    };
+    const std::string got = test::run_with_deadline(ctx, body(ctx, ch, sp.b, payload));
+    CHECK(got.size() == payload.size());
+    CHECK(first_pattern_mismatch(got, 7) == std::string::npos);
+    CHECK(ch.stats().bytes_sent == payload.size());
+    CHECK(ch.stats().direct_sends >= 1);               // the first part
+    CHECK(ch.stats().sends > ch.stats().direct_sends); // the rest, through the ring
+}
+
 TEST_CASE("a peer reset while sending fails drain() with ECONNRESET or EPIPE, never SIGPIPE") {
     default_sigpipe sigpipe;
-    io_context ctx;
+    io_context ctx(test::context_options());
     test::run_with_deadline(ctx, drain_fails_on_reset(ctx));
     // The process is alive and the context keeps serving.
     test::run_with_deadline(ctx, still_works(ctx));
@@ -871,7 +920,7 @@ task<void> write_fails_on_reset(io_context& ctx, bool tcp) {
 
 TEST_CASE("a peer reset while write() waits fails it with ECONNRESET or EPIPE") {
     default_sigpipe sigpipe;
-    io_context ctx;
+    io_context ctx(test::context_options());
     SUBCASE("TCP, SO_LINGER {1, 0}") {
         test::run_with_deadline(ctx, write_fails_on_reset(ctx, true));
     }
@@ -885,7 +934,7 @@ TEST_CASE("a peer reset while write() waits fails it with ECONNRESET or EPIPE") 
 
 TEST_CASE("push after close_when_done() or shutdown_send() throws std::logic_error") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     {
         channel ch = make_channel(ctx, sp.release_a());
         ch.push("ok"sv);
@@ -943,7 +992,7 @@ task<void> close_fails_everything(io_context& ctx, channel& ch, int peer) {
 
 TEST_CASE("close() makes drain(), write() and reads throw errc::closed") {
     test::socket_pair sp;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel ch = make_channel(ctx, sp.release_a());
     test::run_with_deadline(ctx, close_fails_everything(ctx, ch, sp.b));
 }
@@ -972,7 +1021,7 @@ task<void> close_while_waiting(io_context& ctx, channel& writer_ch, channel& rea
 TEST_CASE("close() wakes a pending drain() and a pending read with errc::closed") {
     test::socket_pair sp1;
     test::socket_pair sp2;
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel writer_ch = make_channel(ctx, sp1.release_a());
     channel reader_ch = make_channel(ctx, sp2.release_a());
     test::run_with_deadline(ctx, close_while_waiting(ctx, writer_ch, reader_ch));
@@ -1010,7 +1059,7 @@ task<void> receive_two_payloads(io_context& ctx, std::size_t size) {
 }
 
 TEST_CASE("a 64 MiB payload over loopback TCP arrives byte-exact through read_exact") {
-    io_context ctx;
+    io_context ctx(test::context_options());
     const std::size_t size = 64 * mib;
     REQUIRE(channel_options{}.max_buffer >= size);
     test::run_with_deadline(ctx, receive_two_payloads(ctx, size), 120s);
@@ -1108,7 +1157,7 @@ task<std::string> random_round(io_context& ctx, std::vector<random_op> ops, std:
 
 TEST_CASE("seeded random pushes, producers and writes all arrive in order") {
     const std::uint64_t base_seed = 0x5eed'2024;
-    io_context ctx;
+    io_context ctx(test::context_options());
     for (std::uint64_t round = 0; round < 40; ++round) {
         const std::uint64_t seed = base_seed + round;
         std::mt19937_64 rng(seed);
@@ -1133,7 +1182,7 @@ TEST_CASE("more multi-buffer sends in one loop iteration than the context has sc
     // Each channel queues three separate buffers, so each send is a sendmsg whose iovecs
     // live in the context's scratch until submission; 200 of them in one iteration use the
     // 64 slots several times over.
-    io_context ctx;
+    io_context ctx(test::context_options());
     constexpr int count = 200;
     std::vector<std::unique_ptr<test::socket_pair>> pairs;
     std::vector<channel> channels;
@@ -1168,7 +1217,7 @@ TEST_CASE("more multi-buffer sends in one loop iteration than the context has sc
 namespace {
 
 io_context_options four_receive_buffers() {
-    io_context_options options;
+    io_context_options options = test::context_options();
     options.receive_buffers = 4; // a quarter of them may be kept for sends: one
     return options;
 }
@@ -1278,7 +1327,11 @@ TEST_CASE("only a quarter of the receive buffers are kept for sends; the rest ar
 }
 
 TEST_CASE("a buffer kept for a send is let go when the channel closes before sending it") {
-    io_context ctx(four_receive_buffers());
+    // Through the ring: a direct send would take x's bytes at the flush that runs while y's
+    // read waits, so nothing would be left queued when x closes.
+    io_context_options options = four_receive_buffers();
+    options.direct_sends = false;
+    io_context ctx(options);
     peered_channels chans(ctx, {"never sent", "copied", "sent"});
     auto close_with_queued = [](channel& x, channel& y) -> task<void> {
         x.push(co_await x.read_some()); // queued in place; no send is started before close()
@@ -1337,7 +1390,7 @@ TEST_CASE("a write() that need not wait may run while another coroutine waits in
           "that must wait then throws std::logic_error") {
     test::socket_pair sp;
     set_buffer_size(sp.a, SO_SNDBUF, 16 * 1024);
-    io_context ctx;
+    io_context ctx(test::context_options());
     channel_options options;
     options.high_water = 512 * 1024;
     options.low_water = 128 * 1024;

@@ -62,6 +62,9 @@ struct channel_stats {
     /// bytes sent from the receive buffer they arrived in, without a copy (an echo of what
     /// a read returned; see push())
     std::uint64_t bytes_sent_in_place = 0;
+    /// sends made with a send system call at light load rather than through the ring (also
+    /// counted in sends; see io_context_options::direct_sends)
+    std::uint64_t direct_sends = 0;
 };
 
 namespace detail {

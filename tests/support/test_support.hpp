@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -24,6 +25,19 @@
 #include <unistd.h>
 
 namespace ringchat::test {
+
+/// The io_context options the channel tests start from: the defaults, except that
+/// RINGCHAT_TEST_DIRECT_SENDS=0 in the environment turns direct sends off. Meson runs the
+/// channel tests once each way, so every send path there runs both as a send system call
+/// (light load, the default) and through the ring.
+inline io_context_options context_options() {
+    io_context_options options;
+    const char* direct = std::getenv("RINGCHAT_TEST_DIRECT_SENDS");
+    if (direct != nullptr && std::string_view(direct) == "0") {
+        options.direct_sends = false;
+    }
+    return options;
+}
 
 /// A connected AF_UNIX stream socketpair whose ends close on destruction.
 struct socket_pair {
