@@ -109,9 +109,9 @@ struct io_context_options {
     /// the ring. Light load means that the last wait for completions returned exactly one.
     /// Bytes the socket cannot take at once still go through the ring, so nothing blocks.
     /// With one connection this saves the send's completion and a second trip through the
-    /// loop per reply: about 3% of the server's CPU and 0.3 µs of latency
-    /// (docs/benchmarks.md). Once completions come in batches, sends go through the ring
-    /// again, where one io_uring_enter carries them all. false: always through the ring.
+    /// loop per reply: about 2% of the server's CPU per message (docs/benchmarks.md). Once
+    /// completions come in batches, sends go through the ring again, where one
+    /// io_uring_enter carries them all. false: always through the ring.
     bool direct_sends = true;
 };
 
