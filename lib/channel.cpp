@@ -598,7 +598,8 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         message.msg_iov = iov;
         message.msg_iovlen = iovcnt;
         const ssize_t n = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        const int error = n < 0 ? errno : 0;
+        if (error == EAGAIN || error == EWOULDBLOCK || error == EINTR) {
             return false;
         }
         if (n >= 0) {
@@ -607,7 +608,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         sending = true; // as on_send expects
         in_flight_entries = entries;
         // A single nonblocking send never takes more than the socket's buffer: fits an int.
-        on_send(n >= 0 ? static_cast<int>(n) : -errno);
+        on_send(n >= 0 ? static_cast<int>(n) : -error);
         return true;
     }
 
