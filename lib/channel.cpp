@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -248,6 +249,12 @@ struct recv_completion : completion {};  // the multishot receive
 // keep_buffer bytes disarms the receive: TCP's flow control takes over until reads catch up.
 // A read that needs a receive of its own (a large frame, a stream, read_exact into a span)
 // disarms it too and submits its own once the multishot one has ended.
+//
+// Receiving by readiness (io_context_options::receive, at light load by default): the armed
+// operation is a multishot poll instead (`poll_armed`). It only marks the socket
+// `readable`; a read then receives with recv system calls of its own (pull_ready), and bytes
+// that arrive between reads stay in the socket, so there is nothing to park. Nothing else
+// receives on the socket meanwhile, which keeps the bytes in order.
 struct channel_core final : recv_completion, send_completion, flush_node, timer_entry,
                             close_completion, owned_node {
     enum class phase : std::uint8_t { open, shutdown_wanted, shutting_down, shut, lingering, closed };
@@ -281,6 +288,8 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     bool aborted = false;   // close() was called
     bool armed = false;     // the multishot receive is in flight
     bool disarming = false; // ... and its cancellation was asked for
+    bool poll_armed = false; // ... and it is a multishot poll (receiving by readiness)
+    bool readable = false;   // the poll reported input that no recv has drained yet
     bool sending = false;
     phase state = phase::open;
     bool handle_alive = true;
@@ -446,6 +455,24 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         io_uring_sqe_set_data64(sqe, io_context::uncounted(recv_op()));
         ++stats.receive_submissions;
         armed = true;
+        readable = false; // what the socket holds, the multishot recv receives first
+    }
+
+    // Waits for input by readiness: a multishot poll that reports whenever the socket
+    // becomes readable (edge-triggered; it also reports a socket readable when armed). Not
+    // counted as work, like the multishot receive.
+    void arm_readiness() noexcept {
+        io_uring_sqe* sqe = ctx->get_sqe();
+        io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+        io_uring_sqe_set_data64(sqe, io_context::uncounted(recv_op()));
+        armed = true;
+        poll_armed = true;
+    }
+
+    // Whether a read may receive with a recv of its own now: the poll said there is input,
+    // and no receive of the kernel's could deliver bytes that came before it.
+    [[nodiscard]] bool may_pull() const noexcept {
+        return readable && (!armed || poll_armed) && parked.empty() && read_error == 0 && !eof;
     }
 
     // Asks the kernel to end the multishot receive; it reports the end with a completion
@@ -462,6 +489,7 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     }
 
     void on_multishot(int res, std::uint32_t flags) noexcept;
+    void on_readiness(int res, bool ended) noexcept;
 
     // The current read's deadline passed: it fails with errc::timed_out once its receive
     // is back from the kernel (or at once, between receives).
@@ -723,7 +751,11 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         }
         if (armed) {
             // The multishot receive discards for the linger (on_multishot); count it as work
-            // meanwhile, like the plain receive below, so run() waits for the linger.
+            // meanwhile, like the plain receive below, so run() waits for the linger. A poll
+            // cannot discard: it ends, and the plain receive below takes over.
+            if (poll_armed) {
+                disarm();
+            }
             if (!linger_counted) {
                 linger_counted = true;
                 ctx->operation_started();
@@ -812,6 +844,18 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         }
     }
 
+    // The linger ends early (the context goes): discards what the peer has sent so far, so
+    // that closing with input unread does not make the kernel reset the connection and
+    // destroy the reply the peer has not read yet. A poll never took it; a receive may not
+    // have yet. Bounded: a peer that keeps sending gets its reset.
+    void discard_readable() noexcept {
+        for (int i = 0; i < 64 && fd >= 0; ++i) {
+            if (::recv(fd, discard_area, sizeof discard_area, MSG_DONTWAIT) <= 0) {
+                return;
+            }
+        }
+    }
+
     // ~io_context: the context is going away while this orphaned channel still works (it
     // has already disowned the core).
     void destroy_now() noexcept {
@@ -823,10 +867,14 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
                     static_cast<std::uint16_t>(last.flags >> IORING_CQE_BUFFER_SHIFT));
             }
             armed = false;
+            poll_armed = false;
         }
         if (linger_counted) {
             linger_counted = false;
             ctx->operation_finished();
+        }
+        if (state == phase::lingering) {
+            discard_readable();
         }
         ctx->cancel_flush(this);
         ctx->remove_timer(this);
@@ -960,7 +1008,97 @@ bool read_awaiter::await_ready() {
         return true;
     }
     evaluate();
+    pull_ready(); // bytes a poll reported that are still in the socket
     return state_ != state::pending;
+}
+
+void read_awaiter::pull_ready() noexcept {
+    while (state_ == state::pending && core_->may_pull()) {
+        if (!receive_ready()) {
+            return;
+        }
+        evaluate();
+    }
+}
+
+bool read_awaiter::receive_ready() noexcept {
+    channel_core& c = *core_;
+    read_progress& p = c.progress;
+    provided_buffers* pb = c.ctx->receive_buffers();
+    char* target;
+    std::size_t size;
+    int bid = -1;
+    const bool into_dest = kind_ == kind::exact_into;
+    if (into_dest) {
+        // evaluate() has copied what the buffer held into dest: the rest goes straight there.
+        target = dest() + p.from_buffer + p.direct;
+        size = count_ - p.from_buffer - p.direct;
+    } else {
+        c.release_consumed_borrow();
+        const std::size_t shared_size = pb != nullptr ? pb->buffer_size() : 0;
+        // As a multishot recv would: an empty input borrows a shared buffer (a spare, kept
+        // out of the kernel's ring for this), so no receive memory stays with the channel.
+        if (c.input.empty() && c.receive_hint <= shared_size &&
+            (kind_ != kind::exact || count_ <= shared_size)) {
+            bid = pb->take_spare();
+        }
+        if (bid >= 0) {
+            target = pb->data(static_cast<std::uint16_t>(bid));
+            size = shared_size;
+        } else {
+            std::size_t want = c.receive_hint;
+            if (kind_ == kind::exact) {
+                want = std::max(want, count_ - c.input.size());
+            }
+            std::span<char> space;
+            try {
+                c.copy_out_borrow();
+                space = c.input.prepare(want);
+            } catch (const std::bad_alloc&) {
+                error_ = -ENOMEM;
+                state_ = state::failed;
+                return false;
+            }
+            target = space.data();
+            size = std::min(space.size(), std::max(want, c.opts.receive_size));
+        }
+    }
+    ssize_t n;
+    do {
+        n = ::recv(c.fd, target, size, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0) {
+        const int error = n < 0 ? errno : 0;
+        if (bid >= 0) {
+            pb->recycle(static_cast<std::uint16_t>(bid));
+        }
+        c.readable = false;
+        if (n == 0) {
+            ++c.stats.receives;
+            c.eof = true; // evaluate() tells the read
+        } else if (error != EAGAIN && error != EWOULDBLOCK) {
+            c.read_error = -error; // a reset: fails this read (evaluate()) and every later one
+        }
+        return true;
+    }
+    const auto got = static_cast<std::size_t>(n);
+    ++c.stats.receives;
+    ++c.stats.direct_receives;
+    c.stats.bytes_received += got;
+    if (log_enabled(log_level::trace)) {
+        log(log_level::trace, "channel {}: received {} bytes", c.peer().to_string(), got);
+    }
+    c.readable = got == size; // a short receive took all there was
+    if (into_dest) {
+        p.direct += got;
+    } else if (bid >= 0) {
+        c.adapt_receive_hint(size, got);
+        c.take_provided(static_cast<std::uint16_t>(bid), got); // borrowed: cannot throw
+    } else {
+        c.adapt_receive_hint(size, got);
+        c.input.commit(got);
+    }
+    return true;
 }
 
 void read_awaiter::evaluate() noexcept {
@@ -1106,12 +1244,14 @@ void channel_core::read_deadline_passed(timer_entry* self) noexcept {
 
 void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
     const bool ended = (flags & IORING_CQE_F_MORE) == 0;
+    const bool readiness = poll_armed; // res is then the poll's events, or -errno
     if (ended) {
         armed = false;
         disarming = false;
+        poll_armed = false;
     }
     provided_buffers* pb = ctx->receive_buffers();
-    const bool has_buffer = (flags & IORING_CQE_F_BUFFER) != 0;
+    const bool has_buffer = !readiness && (flags & IORING_CQE_F_BUFFER) != 0;
     const auto bid = static_cast<std::uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT);
     read_awaiter* r = reader;
     if (r != nullptr && has_buffer) {
@@ -1149,11 +1289,18 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
         }
         return;
     }
+    if (readiness) {
+        on_readiness(res, ended);
+        return;
+    }
     if (res > 0 && !has_buffer) {
         res = -EIO; // never expected: data from a buffer-select receive always names one
     }
     if (res > 0) {
         const auto size = static_cast<std::uint32_t>(res);
+        if (r != nullptr && !ended && !disarming && ctx->readiness_receives_now()) {
+            disarm(); // light load: the next read that waits arms a poll instead
+        }
         ++stats.receives;
         stats.bytes_received += size;
         if (log_enabled(log_level::trace)) {
@@ -1194,8 +1341,27 @@ void channel_core::on_multishot(int res, std::uint32_t flags) noexcept {
     }
 }
 
+void channel_core::on_readiness(int res, bool ended) noexcept {
+    if (res > 0) {
+        readable = true;
+    } else if (res == -EINVAL) {
+        ctx->disable_readiness_receives(); // a kernel without multishot poll (before 5.13)
+    } else if (res != -ECANCELED) {
+        read_error = res;
+    }
+    if (!ended && !disarming && ctx->completion_receives_now()) {
+        disarm(); // completions come in batches: the next read that waits arms a recv
+    }
+    if (reader != nullptr) {
+        reader->on_shared(false); // last: the resumed coroutine may free the core
+    }
+}
+
 bool read_awaiter::may_wait_armed() const noexcept {
     const channel_core& c = *core_;
+    if (c.poll_armed) {
+        return true; // the read's own recv takes what it needs, whatever the size
+    }
     const std::size_t shared = c.ctx->options().receive_buffer_size;
     if (no_shared_buffer_ || c.receive_hint > shared) {
         return false; // a stream: receives of its own, as large as the hint, cost less
@@ -1218,6 +1384,7 @@ void read_awaiter::on_shared(bool starved) noexcept {
     } else {
         no_shared_buffer_ = no_shared_buffer_ || starved;
         evaluate();
+        pull_ready();
         if (state_ == state::pending) {
             if (timed_out_) {
                 error_ = fail_timed_out;
@@ -1328,6 +1495,11 @@ bool read_awaiter::start_receive() noexcept {
         if (c.input.empty() && !no_shared_buffer_ && light_traffic &&
             (kind_ != kind::exact || count_ <= shared_size)) {
             shared = c.ctx->receive_buffers();
+        }
+        if (shared != nullptr && c.ctx->readiness_receives_now()) {
+            c.arm_readiness();
+            wait_on_shared();
+            return true;
         }
         if (shared != nullptr && c.ctx->multishot_receives()) {
             c.arm_multishot(shared);

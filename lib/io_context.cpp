@@ -85,7 +85,8 @@ std::string describe_flags(unsigned flags) {
 } // namespace
 
 io_context::io_context(io_context_options options)
-    : options_(options), multishot_receive_(options.multishot_receive) {
+    : options_(options), multishot_receive_(options.multishot_receive),
+      readiness_receive_(options.receive != receive_mode::completion) {
     setup(options);
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) {
@@ -264,6 +265,14 @@ void io_context::disable_multishot_receives() noexcept {
     }
 }
 
+void io_context::disable_readiness_receives() noexcept {
+    if (readiness_receive_) {
+        readiness_receive_ = false;
+        log(log_level::info, "io_context: the kernel rejects multishot poll; channels receive "
+                             "by completion only");
+    }
+}
+
 detail::cqe_result io_context::cancel_and_wait(detail::completion* target,
                                                bool counted) noexcept {
     const std::uint64_t key = counted ? reinterpret_cast<std::uint64_t>(target)
@@ -425,13 +434,22 @@ void io_context::arm_wake_read() noexcept {
 void io_context::reap() noexcept {
     unsigned head;
     unsigned seen = 0;
+    unsigned events = 0;
     io_uring_cqe* cqe;
     io_uring_for_each_cqe(&ring_, head, cqe) {
         ++seen;
+        // The load is what operations report: not the completions of cancel requests and
+        // other ignored SQEs (user_data 0), nor the wake-up and the timer wheel's tick.
+        events += cqe->user_data > tick_tag ? 1 : 0;
         completions_.push_back({cqe->user_data, cqe->res, cqe->flags});
     }
     io_uring_cq_advance(&ring_, seen);
-    last_reaped_ = seen;
+    last_reaped_ = events;
+    if (events > 1) {
+        light_streak_ = 0;
+    } else if (events == 1 && light_streak_ < light_streak_needed) {
+        ++light_streak_;
+    }
 }
 
 namespace {

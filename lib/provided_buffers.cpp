@@ -51,11 +51,17 @@ std::unique_ptr<provided_buffers> provided_buffers::create(io_uring* ring, unsig
     }
     io_uring_buf_ring_init(self->buf_ring_);
     const int mask = io_uring_buf_ring_mask(count);
-    for (unsigned bid = 0; bid < count; ++bid) {
+    // The last few buffers are the spares (none if the ring is tiny): the kernel gets the rest.
+    const unsigned spares = count >= 4 * spare_capacity ? spare_capacity : 0;
+    const unsigned to_kernel = count - spares;
+    for (unsigned bid = 0; bid < to_kernel; ++bid) {
         io_uring_buf_ring_add(self->buf_ring_, self->data(static_cast<std::uint16_t>(bid)), size,
                               static_cast<unsigned short>(bid), mask, static_cast<int>(bid));
     }
-    io_uring_buf_ring_advance(self->buf_ring_, static_cast<int>(count));
+    io_uring_buf_ring_advance(self->buf_ring_, static_cast<int>(to_kernel));
+    for (unsigned bid = to_kernel; bid < count; ++bid) {
+        self->spares_[self->spare_count_++] = static_cast<std::uint16_t>(bid);
+    }
     self->registered_ = true;
     return self;
 }
@@ -73,6 +79,10 @@ provided_buffers::~provided_buffers() {
 }
 
 void provided_buffers::give_back(std::uint16_t bid) noexcept {
+    if (spare_count_ < spare_capacity && count_ >= 4 * spare_capacity) {
+        spares_[spare_count_++] = bid;
+        return;
+    }
     io_uring_buf_ring_add(buf_ring_, data(bid), size_, bid, io_uring_buf_ring_mask(count_), 0);
     io_uring_buf_ring_advance(buf_ring_, 1);
 }

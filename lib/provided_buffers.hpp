@@ -29,8 +29,9 @@ public:
     [[nodiscard]] char* data(std::uint16_t bid) const noexcept {
         return memory_ + static_cast<std::size_t>(bid) * size_;
     }
-    /// Gives buffer `bid` back to the kernel (no system call), or, while others hold it too
-    /// (hold()), only drops one holder: the last one to recycle it gives it back.
+    /// Gives buffer `bid` back (no system call), or, while others hold it too (hold()), only
+    /// drops one holder: the last one to recycle it gives it back. Given back, it first
+    /// refills the spares (take_spare()), then goes to the kernel.
     void recycle(std::uint16_t bid) noexcept {
         std::uint8_t& holders = holders_[bid];
         if (holders != 0) {
@@ -59,6 +60,14 @@ public:
     void prefetch_holders(std::uint16_t bid) const noexcept {
         __builtin_prefetch(&holders_[bid], 1);
     }
+    /// A buffer kept out of the kernel's ring for receives the program makes itself (a
+    /// channel's recv system call when the socket is readable), or -1 if none is left. It is
+    /// the caller's, like one a completion named, until recycled. Spares are handed out last
+    /// in, first out, so the one just given back, still in the cache, is taken again.
+    [[nodiscard]] int take_spare() noexcept {
+        return spare_count_ == 0 ? -1 : spares_[--spare_count_];
+    }
+
     /// Ends a hold(): recycles `bid` for the holder that asked for it.
     void release_hold(std::uint16_t bid) noexcept {
         --held_;
@@ -125,6 +134,11 @@ private:
     unsigned held_ = 0; // hold() calls not yet matched by release_hold()
     std::uint16_t group_ = 0;
     bool registered_ = false;
+    // Buffers kept out of the kernel's ring for take_spare(): a few, as only a channel
+    // receiving by readiness uses one, and only from its recv until its next read.
+    static constexpr unsigned spare_capacity = 8;
+    std::uint16_t spares_[spare_capacity] = {};
+    unsigned spare_count_ = 0;
     struct link {
         std::uint16_t next = parked_list::none;
         std::uint32_t size = 0;

@@ -666,7 +666,7 @@ TEST_CASE("an idle channel releases a large input buffer") {
 }
 
 TEST_CASE("a channel whose multishot recv stays armed still releases a large buffer when idle") {
-    io_context ctx(test::context_options());
+    io_context ctx(test::completion_options());
     channel_options options;
     options.keep_buffer = 4096;
     test::socket_pair sp;
@@ -718,7 +718,7 @@ TEST_CASE("framing is the same with multishot receives turned off") {
 TEST_CASE("one multishot receive serves a whole conversation; without it, one recv per read") {
     for (bool multishot : {true, false}) {
         CAPTURE(multishot);
-        io_context_options options = test::context_options();
+        io_context_options options = test::completion_options();
         options.multishot_receive = multishot;
         io_context ctx(options);
         test::socket_pair sp;
@@ -747,8 +747,90 @@ TEST_CASE("one multishot receive serves a whole conversation; without it, one re
     }
 }
 
-TEST_CASE("bytes that arrive between reads wait aside; the last read's view stays intact") {
+TEST_CASE("by readiness, one poll serves a whole conversation with one recv per request") {
     io_context_options options = test::context_options();
+    options.receive = receive_mode::readiness;
+    io_context ctx(options);
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    auto conversation = [](channel& c, int peer) -> task<int> {
+        int answered = 0;
+        for (int i = 0; i < 50; ++i) {
+            write_all(peer, fmt::format("request {}\n", i));
+            answered += co_await c.read_until("\n") == fmt::format("request {}", i) ? 1 : 0;
+        }
+        co_return answered;
+    };
+    CHECK(test::run_with_deadline(ctx, conversation(ch, sp.b)) == 50);
+    CHECK(ch.stats().receives == 50);
+    CHECK(ch.stats().direct_receives == 50);   // each request: one recv of the channel's own
+    CHECK(ch.stats().receive_submissions == 0); // and no recv through the ring
+    CHECK(ch.input_capacity() == 0); // each request came in a spare shared buffer, given back
+}
+
+TEST_CASE("adaptive receives switch to readiness at light load and back when completions "
+          "come in batches, losing and reordering nothing") {
+    io_context ctx(io_context_options{}); // the default: receive_mode::adaptive
+    constexpr int channels = 4;
+    constexpr int rounds = 20;
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> chans;
+    for (int i = 0; i < channels; ++i) {
+        pairs.push_back(std::make_unique<test::socket_pair>());
+        chans.push_back(make_channel(ctx, pairs.back()->release_a()));
+    }
+    // One channel alone: each wait returns one completion, so after a few the channel ends
+    // its multishot recv and waits by readiness.
+    auto light = [](channel& c, int peer) -> task<int> {
+        int right = 0;
+        for (int i = 0; i < rounds; ++i) {
+            write_all(peer, fmt::format("light {}\n", i));
+            right += co_await c.read_until("\n") == fmt::format("light {}", i) ? 1 : 0;
+        }
+        co_return right;
+    };
+    CHECK(test::run_with_deadline(ctx, light(chans[0], pairs[0]->b)) == rounds);
+    const channel_stats alone = chans[0].stats();
+    CHECK(alone.receive_submissions >= 1); // it began with a multishot recv
+    CHECK(alone.direct_receives > 0);      // and went on by readiness
+    CHECK(alone.receives == rounds);
+    // Then every peer writes before the loop waits, round after round: their arrivals
+    // come in batches, and the channels go back to multishot receives.
+    auto one = [](channel& c, int round, int& right, int& done) -> task<void> {
+        right += co_await c.read_until("\n") == fmt::format("request {}", round) ? 1 : 0;
+        ++done;
+    };
+    auto batched = [](io_context& x, std::vector<channel>& cs,
+                      std::vector<std::unique_ptr<test::socket_pair>>& ps,
+                      decltype(one) read) -> task<int> {
+        int right = 0;
+        for (int round = 0; round < rounds; ++round) {
+            for (auto& p : ps) {
+                write_all(p->b, fmt::format("request {}\n", round));
+            }
+            int done = 0;
+            for (auto& c : cs) {
+                spawn(x, read(c, round, right, done));
+            }
+            while (done < channels) {
+                co_await sleep_for(x, 0ns);
+            }
+        }
+        co_return right;
+    };
+    CHECK(test::run_with_deadline(ctx, batched(ctx, chans, pairs, one)) == channels * rounds);
+    for (int i = 0; i < channels; ++i) {
+        CAPTURE(i);
+        const channel_stats& st = chans[i].stats();
+        CHECK(chans[i].buffered().empty());
+        CHECK(st.receives == (i == 0 ? 2 * rounds : rounds)); // one receive per frame
+        // The batches ended any poll, and a multishot recv took over.
+        CHECK(st.receive_submissions > (i == 0 ? alone.receive_submissions : 0));
+    }
+}
+
+TEST_CASE("bytes that arrive between reads wait aside; the last read's view stays intact") {
+    io_context_options options = test::completion_options();
     options.receive_buffers = 4; // the first frame's buffer, three to park, then none left
     io_context ctx(options);
     test::socket_pair sp;
@@ -829,6 +911,35 @@ TEST_CASE("between reads a channel parks about keep_buffer bytes, then leaves th
     CHECK(ch.stats().bytes_received == payload.size());
 }
 
+TEST_CASE("by readiness, bytes that arrive between reads stay in the socket until a read") {
+    io_context_options options = test::context_options();
+    options.receive = receive_mode::readiness;
+    io_context ctx(options);
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "first\n");
+    auto reader = [](io_context& x, channel& c, int peer) -> task<std::vector<std::string>> {
+        std::string_view first = co_await c.read_until("\n"); // a view into a spare buffer
+        for (int i = 0; i < 5; ++i) {
+            write_all(peer, fmt::format("more {}\n", i));
+            for (int turn = 0; turn < 3; ++turn) {
+                co_await sleep_for(x, 0ns); // the poll reports them; nobody receives
+            }
+        }
+        CHECK(c.stats().bytes_received == 6);
+        CHECK(first == "first"); // nothing was written over the view
+        std::vector<std::string> out{std::string(first)};
+        for (int i = 0; i < 5; ++i) {
+            out.emplace_back(co_await c.read_until("\n"));
+        }
+        // The five frames were in the socket together: the first read's recv took them all.
+        CHECK(c.stats().direct_receives == 2);
+        co_return out;
+    };
+    CHECK(test::run_with_deadline(ctx, reader(ctx, ch, sp.b)) ==
+          std::vector<std::string>{"first", "more 0", "more 1", "more 2", "more 3", "more 4"});
+}
+
 TEST_CASE("read_exact into a large span ends the multishot receive and receives into the span") {
     io_context ctx(test::context_options());
     test::socket_pair sp;
@@ -846,8 +957,13 @@ TEST_CASE("read_exact into a large span ends the multishot receive and receives 
     writer.join();
     CHECK(same);
     // The multishot receive, ended once the span's read started, then receives of its own
-    // straight into the span for what the socket could not hold at first.
-    CHECK(ch.stats().receive_submissions >= 2);
+    // straight into the span for what the socket could not hold at first; or, by
+    // readiness, recv system calls straight into the span.
+    if (ctx.options().receive == receive_mode::readiness) {
+        CHECK(ch.stats().direct_receives >= 2);
+    } else {
+        CHECK(ch.stats().receive_submissions >= 2);
+    }
     CHECK(ch.stats().receives >= 2);
 }
 
@@ -889,8 +1005,14 @@ TEST_CASE("run() returns when nothing waits, though an idle channel's multishot 
         co_return std::string(co_await c.read_until("\n"));
     };
     CHECK(test::run_with_deadline(ctx, again(ch)) == "again");
-    // A kernel before 6.0: the rejected multishot recv, then one receive per read.
-    CHECK(ch.stats().receive_submissions == (ctx.multishot_receives() ? 1 : 3));
+    if (ctx.options().receive == receive_mode::readiness) {
+        // The poll stays armed too: each read's bytes come with one recv of its own.
+        CHECK(ch.stats().receive_submissions == 0);
+        CHECK(ch.stats().direct_receives == 2);
+    } else if (ctx.options().receive == receive_mode::completion) {
+        // A kernel before 6.0: the rejected multishot recv, then one receive per read.
+        CHECK(ch.stats().receive_submissions == (ctx.multishot_receives() ? 1 : 3));
+    }
 }
 
 TEST_CASE("a linger on the multishot recv keeps run() going; the context can end it early") {
@@ -936,7 +1058,7 @@ TEST_CASE("a read whose own receive returns as its channel is dropped fails; the
     // recv next to the linger's receive, and the core was freed with one still in flight).
     test::socket_pair tp;
     test::socket_pair op;
-    io_context ctx(test::context_options());
+    io_context ctx(test::completion_options()); // counts the multishot recv's submissions
     channel_options options;
     options.linger = 50ms;
     auto target = std::make_unique<channel>(make_channel(ctx, tp.release_a(), options));

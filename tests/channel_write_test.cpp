@@ -1216,8 +1216,9 @@ TEST_CASE("more multi-buffer sends in one loop iteration than the context has sc
 
 namespace {
 
+// By completion: these tests count what the kernel's receives into the shared buffers do.
 io_context_options four_receive_buffers() {
-    io_context_options options = test::context_options();
+    io_context_options options = test::completion_options();
     options.receive_buffers = 4; // a quarter of them may be kept for sends: one
     return options;
 }
@@ -1287,6 +1288,28 @@ TEST_CASE("an echo of what a read returned is sent from the receive buffer, give
     CHECK(server.stats().bytes_sent_in_place == count * size);
     CHECK(server.stats().bytes_sent == count * size);
     CHECK(client.stats().bytes_sent_in_place == 0); // its messages are its own strings
+}
+
+TEST_CASE("by readiness, an echo is sent from the spare buffer its request came in") {
+    io_context_options options = test::context_options();
+    options.receive = receive_mode::readiness;
+    io_context ctx(options);
+    test::socket_pair sp;
+    channel server = make_channel(ctx, sp.release_a());
+    channel client = make_channel(ctx, sp.release_b());
+    constexpr int count = 50;
+    constexpr std::size_t size = 100;
+    auto both = [](channel& s, channel& c) -> task<int> {
+        task<void> echo = test::start(echo_pieces(s, count));
+        int right = co_await send_and_check(c, count, size);
+        co_await std::move(echo);
+        co_return right;
+    };
+    CHECK(test::run_with_deadline(ctx, both(server, client)) == count);
+    CHECK(server.stats().direct_receives >= count); // each request: a recv of its own
+    CHECK(server.stats().receive_submissions == 0);
+    CHECK(server.stats().bytes_sent_in_place == count * size);
+    CHECK(server.input_capacity() == 0); // no buffer of its own was needed
 }
 
 TEST_CASE("pieces of one receive buffer: contiguous ones share its entry, others are copied") {

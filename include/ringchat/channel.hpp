@@ -52,7 +52,7 @@ struct channel_options {
 /// Counters of one channel, for tests and benchmarks.
 struct channel_stats {
     std::uint64_t bytes_received = 0;
-    std::uint64_t receives = 0;      ///< recv completions that brought data or EOF
+    std::uint64_t receives = 0;      ///< receives that brought data or EOF
     /// recv operations submitted for reads; a multishot recv counts once however many
     /// completions it brings.
     std::uint64_t receive_submissions = 0;
@@ -65,6 +65,9 @@ struct channel_stats {
     /// sends made with a send system call at light load rather than through the ring (also
     /// counted in sends; see io_context_options::direct_sends)
     std::uint64_t direct_sends = 0;
+    /// receives made with a recv system call when a poll reported input, rather than by the
+    /// kernel (also counted in receives; see io_context_options::receive)
+    std::uint64_t direct_receives = 0;
 };
 
 namespace detail {
@@ -76,7 +79,9 @@ struct channel_core;
 /// succeeds: a read that fails, times out or is cancelled leaves every received byte in the
 /// channel for the next read. Bytes come from the channel's multishot receive while traffic
 /// is light (one recv stays armed across reads), else from receives the read submits itself
-/// (a large frame or a stream: into the buffer, or straight into read_exact's span).
+/// (a large frame or a stream: into the buffer, or straight into read_exact's span). When
+/// the channel receives by readiness (io_context_options::receive), a multishot poll stays
+/// armed instead and the read receives with recv system calls of its own.
 class read_awaiter : public completion, public cancellable {
 public:
     enum class kind : std::uint8_t { until, exact, exact_into, some, to_eof, skip, skip_until };
@@ -113,6 +118,11 @@ private:
     // lack of shared buffers): re-evaluates, and resumes the reader unless it goes on waiting.
     void on_shared(bool starved) noexcept;
     [[nodiscard]] bool may_wait_armed() const noexcept;
+    // Receiving by readiness: takes what the socket holds with recv system calls while the
+    // read still needs bytes and the channel may receive itself (channel_core::may_pull).
+    void pull_ready() noexcept;
+    // One such recv; false if the read failed before it (no memory).
+    bool receive_ready() noexcept;
     void wake() noexcept; // clears the channel's reader and resumes the coroutine
     void wait_on_shared() noexcept; // counts the wait as work; attaches the cancel source
     void uncount_wait() noexcept;

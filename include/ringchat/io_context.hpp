@@ -86,6 +86,16 @@ struct owned_node {
 
 } // namespace detail
 
+/// How channels wait for input (io_context_options::receive).
+enum class receive_mode : std::uint8_t {
+    /// Readiness at light load, completion once completions come in batches (the default).
+    adaptive,
+    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives.
+    completion,
+    /// Always a multishot poll, then a recv system call of the channel's own.
+    readiness,
+};
+
 /// Setup choices for an io_context.
 struct io_context_options {
     /// Submission queue size (rounded up to a power of two by the kernel).
@@ -113,6 +123,21 @@ struct io_context_options {
     /// completions come in batches, sends go through the ring again, where one
     /// io_uring_enter carries them all. false: always through the ring.
     bool direct_sends = true;
+    /// How a channel with nothing buffered waits for input.
+    /// - completion: a multishot recv stays armed across reads and the kernel receives each
+    ///   arrival into a shared buffer (receive_buffers), then reports it. Under load this
+    ///   costs least: one completion per arrival and no system call.
+    /// - readiness: a multishot poll stays armed; when it reports the socket readable, the
+    ///   read receives with a recv system call of its own, into a spare shared buffer (or
+    ///   the channel's buffer for a large frame). Bytes that arrive between reads stay in
+    ///   the socket until the next read. At one connection this answers sooner
+    ///   (docs/benchmarks.md), under load it costs a system call per arrival more.
+    /// - adaptive (default): readiness while each of the last few waits for completions
+    ///   returned exactly one, completion as soon as one returns several. A channel switches
+    ///   when its armed wait reports something, by cancelling it (one more completion).
+    /// Readiness needs the shared receive buffers and a kernel with multishot poll (5.13+);
+    /// without them channels receive by completion.
+    receive_mode receive = receive_mode::adaptive;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
@@ -254,6 +279,21 @@ public:
         return last_reaped_ == 1 && options_.direct_sends;
     }
 
+    /// Whether a channel that starts waiting for input should wait by readiness: always in
+    /// receive_mode::readiness; in adaptive mode once the last light_streak_needed waits
+    /// each returned one completion (io_context_options::receive).
+    [[nodiscard]] bool readiness_receives_now() const noexcept {
+        return readiness_receive_ &&
+               (options_.receive == receive_mode::readiness || light_streak_ >= light_streak_needed);
+    }
+    /// Whether a channel waiting by readiness should go back to waiting by completion: in
+    /// adaptive mode, the last wait returned several completions.
+    [[nodiscard]] bool completion_receives_now() const noexcept {
+        return options_.receive != receive_mode::readiness && light_streak_ == 0;
+    }
+    /// The kernel rejected a multishot poll (EINVAL): channels receive by completion.
+    void disable_readiness_receives() noexcept;
+
     /// Queues an asynchronous cancel of the operation `target`; its CQE then reports
     /// -ECANCELED (or its result, if it already finished).
     void request_cancel(detail::completion* target) noexcept;
@@ -327,7 +367,14 @@ private:
     std::string setup_desc_;
 
     std::vector<cqe_copy> completions_; // reaped, not yet dispatched
-    unsigned last_reaped_ = 0; // completions the last reap() took from the ring
+    // Completions of operations (not of ignored SQEs, wake-ups or ticks) that the last reap()
+    // took from the ring.
+    unsigned last_reaped_ = 0;
+    // Consecutive reap()s that took exactly one such completion, up to light_streak_needed;
+    // 0 after one that took several (a reap that took none leaves it as it is).
+    unsigned light_streak_ = 0;
+    static constexpr unsigned light_streak_needed = 4;
+    bool readiness_receive_ = false;
     std::size_t completions_pos_ = 0;
     std::vector<std::coroutine_handle<>> ready_handles_;
     std::vector<std::coroutine_handle<>> running_handles_;

@@ -26,16 +26,29 @@
 
 namespace ringchat::test {
 
-/// The io_context options the channel tests start from: the defaults, except that
-/// RINGCHAT_TEST_DIRECT_SENDS=0 in the environment turns direct sends off. Meson runs the
-/// channel tests once each way, so every send path there runs both as a send system call
-/// (light load, the default) and through the ring.
+/// The io_context options the channel tests start from: the defaults (sends and receives
+/// take the light-load paths when load is light), or as RINGCHAT_TEST_PATHS in the
+/// environment says: "ring" sends and receives through the ring only (no send system calls,
+/// receives by completion), "readiness" always receives by readiness. Meson runs the channel
+/// tests all three ways, so every read and send there runs on each path.
 inline io_context_options context_options() {
     io_context_options options;
-    const char* direct = std::getenv("RINGCHAT_TEST_DIRECT_SENDS");
-    if (direct != nullptr && std::string_view(direct) == "0") {
+    const char* paths = std::getenv("RINGCHAT_TEST_PATHS");
+    if (paths != nullptr && std::string_view(paths) == "ring") {
         options.direct_sends = false;
+        options.receive = receive_mode::completion;
+    } else if (paths != nullptr && std::string_view(paths) == "readiness") {
+        options.receive = receive_mode::readiness;
     }
+    return options;
+}
+
+/// context_options() with every receive by completion (a multishot recv into the shared
+/// buffers), for tests of what that path does itself: parking bytes between reads, keeping
+/// a buffer for a send, counting its submissions.
+inline io_context_options completion_options() {
+    io_context_options options = context_options();
+    options.receive = receive_mode::completion;
     return options;
 }
 
