@@ -23,7 +23,8 @@ namespace {
 
 const char* const usage =
     "usage: echo_server [--host ADDR] [--port N] [--keep-alive] [--raw] [--max-payload BYTES]\n"
-    "                   [--idle-timeout SECONDS] [--grace SECONDS] [--threads N] [-v]\n"
+    "                   [--idle-timeout SECONDS] [--grace SECONDS] [--threads N]\n"
+    "                   [--receive adaptive|completion|readiness] [-v]\n"
     "  Serves the ECHO protocol: a client sends \"ECHO <len>\\n\" and <len> bytes, the server\n"
     "  echoes the bytes and closes. Prints \"listening on ADDR:PORT\" first (port 0: any).\n"
     "  --keep-alive    serve ECHO commands until the client closes\n"
@@ -32,6 +33,8 @@ const char* const usage =
     "  --idle-timeout  longest wait for a command or payload bytes (default 30; 0: none)\n"
     "  --grace         on SIGINT/SIGTERM, how long connections may finish (default 5)\n"
     "  --threads N     N event loops, one SO_REUSEPORT listener each (default 1)\n"
+    "  --receive MODE  how connections wait for input (io_context_options::receive; default\n"
+    "                  completion): for measuring\n"
     "  -v              trace every step\n";
 
 struct options {
@@ -40,13 +43,14 @@ struct options {
     echo::server_config config;
     std::chrono::milliseconds grace{5000};
     unsigned threads = 1;
+    io_context_options context;
 };
 
 // One event loop with its own listener; several share the port through SO_REUSEPORT.
 class server_loop {
 public:
     server_loop(const options& opts, const address& where)
-        : opts_(opts), config_(opts.config),
+        : opts_(opts), config_(opts.config), ctx_(opts.context),
           listener_(ctx_, where, listen_options{.reuse_port = opts.threads > 1}) {
         config_.on_finished = &server_loop::connection_finished;
         config_.finished_context = this;
@@ -153,6 +157,17 @@ options parse(int argc, char** argv) {
             o.grace = std::chrono::seconds(a.size_value());
         } else if (a.is("--threads")) {
             o.threads = static_cast<unsigned>(std::max<std::size_t>(1, a.size_value()));
+        } else if (a.is("--receive")) {
+            const std::string_view mode = a.value();
+            if (mode == "adaptive") {
+                o.context.receive = receive_mode::adaptive;
+            } else if (mode == "completion") {
+                o.context.receive = receive_mode::completion;
+            } else if (mode == "readiness") {
+                o.context.receive = receive_mode::readiness;
+            } else {
+                a.fail("--receive: adaptive, completion or readiness");
+            }
         } else if (a.is("-v") || a.is("--verbose")) {
             set_log_level(log_level::trace);
         } else if (a.is("-h") || a.is("--help")) {

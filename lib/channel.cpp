@@ -622,10 +622,16 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     // and on_send asks for another flush, which goes through the ring if the socket is
     // still full.
     bool send_directly(iovec* iov, std::size_t iovcnt, std::size_t entries) noexcept {
-        msghdr message{};
-        message.msg_iov = iov;
-        message.msg_iovlen = iovcnt;
-        const ssize_t n = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n;
+        if (iovcnt == 1) {
+            // A plain send spares the kernel copying in a message header and an iovec.
+            n = ::send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } else {
+            msghdr message{};
+            message.msg_iov = iov;
+            message.msg_iovlen = iovcnt;
+            n = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
         const int error = n < 0 ? errno : 0;
         if (error == EAGAIN || error == EWOULDBLOCK || error == EINTR) {
             return false;

@@ -247,7 +247,8 @@ detail::provided_buffers* io_context::set_up_receive_buffers() noexcept {
     receive_buffers_tried_ = true;
     if (options_.receive_buffers != 0) {
         receive_buffers_ = detail::provided_buffers::create(
-            &ring_, options_.receive_buffers, options_.receive_buffer_size, 0);
+            &ring_, options_.receive_buffers, options_.receive_buffer_size, 0,
+            options_.receive != receive_mode::completion);
         log(log_level::info, "io_context: {}", receive_buffers_
                 ? fmt::format("{} provided receive buffers of {} bytes",
                               options_.receive_buffers, options_.receive_buffer_size)

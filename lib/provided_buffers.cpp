@@ -5,8 +5,8 @@
 namespace ringchat::detail {
 
 std::unique_ptr<provided_buffers> provided_buffers::create(io_uring* ring, unsigned count,
-                                                           unsigned size,
-                                                           std::uint16_t group) noexcept {
+                                                           unsigned size, std::uint16_t group,
+                                                           bool spares) noexcept {
     if (count == 0 || (count & (count - 1)) != 0 || count > 32768 || size == 0) {
         return nullptr;
     }
@@ -52,8 +52,8 @@ std::unique_ptr<provided_buffers> provided_buffers::create(io_uring* ring, unsig
     io_uring_buf_ring_init(self->buf_ring_);
     const int mask = io_uring_buf_ring_mask(count);
     // The last few buffers are the spares (none if the ring is tiny): the kernel gets the rest.
-    const unsigned spares = count >= 4 * spare_capacity ? spare_capacity : 0;
-    const unsigned to_kernel = count - spares;
+    self->spare_limit_ = spares && count >= 4 * spare_capacity ? spare_capacity : 0;
+    const unsigned to_kernel = count - self->spare_limit_;
     for (unsigned bid = 0; bid < to_kernel; ++bid) {
         io_uring_buf_ring_add(self->buf_ring_, self->data(static_cast<std::uint16_t>(bid)), size,
                               static_cast<unsigned short>(bid), mask, static_cast<int>(bid));
@@ -79,7 +79,7 @@ provided_buffers::~provided_buffers() {
 }
 
 void provided_buffers::give_back(std::uint16_t bid) noexcept {
-    if (spare_count_ < spare_capacity && count_ >= 4 * spare_capacity) {
+    if (spare_count_ < spare_limit_) {
         spares_[spare_count_++] = bid;
         return;
     }

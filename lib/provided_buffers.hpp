@@ -13,11 +13,13 @@ namespace ringchat::detail {
 /// Io thread only.
 class provided_buffers {
 public:
-    /// Registers `count` (a power of two) buffers of `size` bytes as buffer group `group`.
-    /// Returns null if the kernel does not support provided buffer rings (before 5.19) or the
-    /// memory cannot be mapped; callers then receive into their own buffers.
+    /// Registers `count` (a power of two) buffers of `size` bytes as buffer group `group`;
+    /// with `spares`, a few of them (none if count < 32) are kept out of the kernel's ring
+    /// for take_spare(). Returns null if the kernel does not support provided buffer rings
+    /// (before 5.19) or the memory cannot be mapped; callers then receive into their own
+    /// buffers.
     static std::unique_ptr<provided_buffers> create(io_uring* ring, unsigned count, unsigned size,
-                                                    std::uint16_t group) noexcept;
+                                                    std::uint16_t group, bool spares) noexcept;
     provided_buffers(const provided_buffers&) = delete;
     provided_buffers& operator=(const provided_buffers&) = delete;
     /// Unregisters the group and unmaps the memory (no receive may still be pending).
@@ -139,6 +141,7 @@ private:
     static constexpr unsigned spare_capacity = 8;
     std::uint16_t spares_[spare_capacity] = {};
     unsigned spare_count_ = 0;
+    unsigned spare_limit_ = 0; // spare_capacity, or 0 without spares
     struct link {
         std::uint16_t next = parked_list::none;
         std::uint32_t size = 0;

@@ -770,7 +770,9 @@ TEST_CASE("by readiness, one poll serves a whole conversation with one recv per 
 
 TEST_CASE("adaptive receives switch to readiness at light load and back when completions "
           "come in batches, losing and reordering nothing") {
-    io_context ctx(io_context_options{}); // the default: receive_mode::adaptive
+    io_context_options options;
+    options.receive = receive_mode::adaptive;
+    io_context ctx(options);
     constexpr int channels = 4;
     constexpr int rounds = 20;
     std::vector<std::unique_ptr<test::socket_pair>> pairs;

@@ -88,9 +88,10 @@ struct owned_node {
 
 /// How channels wait for input (io_context_options::receive).
 enum class receive_mode : std::uint8_t {
-    /// Readiness at light load, completion once completions come in batches (the default).
+    /// Readiness at light load, completion once completions come in batches.
     adaptive,
-    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives.
+    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives
+    /// (the default).
     completion,
     /// Always a multishot poll, then a recv system call of the channel's own.
     readiness,
@@ -116,7 +117,8 @@ struct io_context_options {
     /// off by itself on a kernel that rejects it; false keeps single-shot receives.
     bool multishot_receive = true;
     /// At light load a channel sends with a send system call of its own instead of through
-    /// the ring. Light load means that the last wait for completions returned exactly one.
+    /// the ring. Light load means that the last wait for completions returned exactly one
+    /// (of an operation: cancellations and the timer wheel's ticks do not count).
     /// Bytes the socket cannot take at once still go through the ring, so nothing blocks.
     /// With one connection this saves the send's completion and a second trip through the
     /// loop per reply: about 2% of the server's CPU per message (docs/benchmarks.md). Once
@@ -130,14 +132,17 @@ struct io_context_options {
     /// - readiness: a multishot poll stays armed; when it reports the socket readable, the
     ///   read receives with a recv system call of its own, into a spare shared buffer (or
     ///   the channel's buffer for a large frame). Bytes that arrive between reads stay in
-    ///   the socket until the next read. At one connection this answers sooner
-    ///   (docs/benchmarks.md), under load it costs a system call per arrival more.
-    /// - adaptive (default): readiness while each of the last few waits for completions
-    ///   returned exactly one, completion as soon as one returns several. A channel switches
-    ///   when its armed wait reports something, by cancelling it (one more completion).
+    ///   the socket until the next read (no shared buffers are parked meanwhile), as with
+    ///   epoll. Under load it costs a system call per arrival more.
+    /// - adaptive: readiness while each of the last few waits for completions returned
+    ///   exactly one, completion as soon as one returns several. A channel switches when
+    ///   its armed wait reports something, by cancelling it (one more completion).
     /// Readiness needs the shared receive buffers and a kernel with multishot poll (5.13+);
-    /// without them channels receive by completion.
-    receive_mode receive = receive_mode::adaptive;
+    /// without them channels receive by completion. Completion is the default because
+    /// readiness measured no faster, even at one connection, once sends are direct: it adds
+    /// a recv system call per arrival where the kernel would have received as part of the
+    /// wait (docs/benchmarks.md).
+    receive_mode receive = receive_mode::completion;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines

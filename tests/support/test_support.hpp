@@ -26,11 +26,11 @@
 
 namespace ringchat::test {
 
-/// The io_context options the channel tests start from: the defaults (sends and receives
-/// take the light-load paths when load is light), or as RINGCHAT_TEST_PATHS in the
-/// environment says: "ring" sends and receives through the ring only (no send system calls,
-/// receives by completion), "readiness" always receives by readiness. Meson runs the channel
-/// tests all three ways, so every read and send there runs on each path.
+/// The io_context options the channel tests start from: the defaults (receives by
+/// completion; sends at light load with send system calls), or as RINGCHAT_TEST_PATHS in the
+/// environment says: "ring" also sends through the ring only, "readiness" receives by
+/// readiness. Meson runs the channel tests all three ways, so every read and send there runs
+/// on each path.
 inline io_context_options context_options() {
     io_context_options options;
     const char* paths = std::getenv("RINGCHAT_TEST_PATHS");
