@@ -23,24 +23,7 @@ buffer& buffer::operator=(buffer&& other) noexcept {
     return *this;
 }
 
-void buffer::consume(std::size_t n) noexcept {
-    begin_ += n;
-    if (begin_ == end_) {
-        // Start again at the front: no memmove needed before the next receive.
-        begin_ = end_ = 0;
-    }
-}
-
-void buffer::borrow(const char* data, std::size_t n) noexcept {
-    borrowed_ = data;
-    begin_ = 0;
-    end_ = n;
-}
-
-void buffer::stop_borrowing() {
-    if (borrowed_ == nullptr) {
-        return;
-    }
+void buffer::copy_borrowed() {
     // Own storage holds nothing while borrowing (borrow() requires empty()). Allocate before
     // letting go of the borrowed bytes, so a std::bad_alloc leaves the buffer as it was.
     const std::size_t unread = end_ - begin_;
@@ -84,14 +67,6 @@ void buffer::append(std::string_view bytes) {
         std::memcpy(space.data(), bytes.data(), bytes.size());
     }
     commit(bytes.size());
-}
-
-void buffer::release_if_idle(std::size_t keep) noexcept {
-    if (empty() && borrowed_ == nullptr && capacity_ > keep) {
-        storage_.reset();
-        capacity_ = 0;
-        begin_ = end_ = 0;
-    }
 }
 
 } // namespace ringchat

@@ -1013,6 +1013,12 @@ bool read_awaiter::await_ready() {
         state_ = state::failed;
         return true;
     }
+    const channel_core& c = *core_;
+    if (c.input.empty() && count_ != 0 && !c.eof && c.read_error == 0 && !c.readable) {
+        // Nothing buffered, and a read of more than 0 bytes (or up to a terminator) needs
+        // some: the usual case between requests, decided without evaluate().
+        return false;
+    }
     evaluate();
     pull_ready(); // bytes a poll reported that are still in the socket
     return state_ != state::pending;

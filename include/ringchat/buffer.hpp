@@ -31,7 +31,13 @@ public:
 
     /// Marks the first `n` unread bytes (n <= size()) as read. Their memory stays intact
     /// until the next prepare(), so views of them remain valid until then.
-    void consume(std::size_t n) noexcept;
+    void consume(std::size_t n) noexcept {
+        begin_ += n;
+        if (begin_ == end_) {
+            // Start again at the front: no memmove needed before the next receive.
+            begin_ = end_ = 0;
+        }
+    }
 
     /// Returns writable space of at least `min_free` bytes after the unread ones (possibly
     /// more: all the free space), compacting or growing as needed. Invalidates views.
@@ -48,17 +54,39 @@ public:
     /// unread data, without copying. Requires empty(). The memory must stay valid until
     /// stop_borrowing() or the next prepare()/append(), which copy what is unread into the
     /// buffer's own storage first.
-    void borrow(const char* data, std::size_t n) noexcept;
+    void borrow(const char* data, std::size_t n) noexcept {
+        borrowed_ = data;
+        begin_ = 0;
+        end_ = n;
+    }
     /// True while the unread bytes (or, once consumed, the last ones) are borrowed memory.
     [[nodiscard]] bool borrowing() const noexcept { return borrowed_ != nullptr; }
-    /// Stops borrowing, copying unread borrowed bytes into own storage. Throws std::bad_alloc.
-    void stop_borrowing();
+    /// Stops borrowing, copying unread borrowed bytes into own storage. Throws std::bad_alloc
+    /// (not when nothing is unread).
+    void stop_borrowing() {
+        if (borrowed_ != nullptr) {
+            if (begin_ == end_) {
+                borrowed_ = nullptr; // nothing unread: the usual case, a request read whole
+                begin_ = end_ = 0;
+            } else {
+                copy_borrowed();
+            }
+        }
+    }
 
     /// Frees the memory if nothing is unread and more than `keep` bytes are allocated, so an
     /// idle connection does not pin a large buffer. Invalidates views.
-    void release_if_idle(std::size_t keep) noexcept;
+    void release_if_idle(std::size_t keep) noexcept {
+        if (empty() && borrowed_ == nullptr && capacity_ > keep) {
+            storage_.reset();
+            capacity_ = 0;
+            begin_ = end_ = 0;
+        }
+    }
 
 private:
+    void copy_borrowed();
+
     [[nodiscard]] const char* base() const noexcept {
         return borrowed_ != nullptr ? borrowed_ : storage_.get();
     }
