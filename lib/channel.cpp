@@ -293,10 +293,12 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
     bool sending = false;
     phase state = phase::open;
     bool handle_alive = true;
-    bool adopted = false; // owned by the context (handle gone, work left)
-    bool close_wanted = false;
-    bool linger_over = false; // the linger's time is up: no more discarding receives
-    bool linger_counted = false; // the multishot receive discards for the linger: counted
+    // Flags of the end of a connection, one byte together, so the per-message members
+    // after them keep their cache lines.
+    bool adopted : 1 = false; // owned by the context (handle gone, work left)
+    bool close_wanted : 1 = false;
+    bool linger_over : 1 = false; // the linger's time is up: no more discarding receives
+    bool linger_counted : 1 = false; // the multishot receive discards for the linger: counted
     provided_buffers::parked_list parked; // received between reads, for the next read
     // How much the next receive asks for: doubles while receives fill all the space they
     // were given (a stream), falls back when they come back small (request/response).
