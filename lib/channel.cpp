@@ -1060,21 +1060,12 @@ bool read_awaiter::receive_ready() noexcept {
             target = pb->data(static_cast<std::uint16_t>(bid));
             size = shared_size;
         } else {
-            std::size_t want = c.receive_hint;
-            if (kind_ == kind::exact) {
-                want = std::max(want, count_ - c.input.size());
-            }
-            std::span<char> space;
-            try {
-                c.copy_out_borrow();
-                space = c.input.prepare(want);
-            } catch (const std::bad_alloc&) {
-                error_ = -ENOMEM;
-                state_ = state::failed;
+            const std::span<char> space = own_space();
+            if (space.empty()) {
                 return false;
             }
             target = space.data();
-            size = std::min(space.size(), std::max(want, c.opts.receive_size));
+            size = space.size();
         }
     }
     ssize_t n;
@@ -1528,26 +1519,35 @@ bool read_awaiter::start_receive() noexcept {
             c.progress.asked = shared->buffer_size();
             return finish_start(sqe);
         }
-        std::size_t want = c.receive_hint;
-        if (kind_ == kind::exact) {
-            want = std::max(want, count_ - c.input.size());
-        }
-        std::span<char> space;
-        try {
-            c.copy_out_borrow();
-            space = c.input.prepare(want);
-        } catch (const std::bad_alloc&) {
-            error_ = -ENOMEM;
-            state_ = state::failed;
+        const std::span<char> space = own_space();
+        if (space.empty()) {
             return false;
         }
         target = space.data();
-        size = std::min(space.size(), std::max(want, c.opts.receive_size));
+        size = space.size();
     }
     c.progress.asked = size;
     io_uring_sqe* sqe = c.ctx->get_sqe();
     io_uring_prep_recv(sqe, c.fd, target, size, 0);
     return finish_start(sqe);
+}
+
+std::span<char> read_awaiter::own_space() noexcept {
+    channel_core& c = *core_;
+    std::size_t want = c.receive_hint;
+    if (kind_ == kind::exact) {
+        want = std::max(want, count_ - c.input.size());
+    }
+    std::span<char> space;
+    try {
+        c.copy_out_borrow();
+        space = c.input.prepare(want);
+    } catch (const std::bad_alloc&) {
+        error_ = -ENOMEM;
+        state_ = state::failed;
+        return {};
+    }
+    return space.first(std::min(space.size(), std::max(want, c.opts.receive_size)));
 }
 
 bool read_awaiter::finish_start(io_uring_sqe* sqe) noexcept {

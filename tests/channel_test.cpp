@@ -715,6 +715,19 @@ TEST_CASE("framing is the same with multishot receives turned off") {
     check_every_chunking_of_the_three_modes(ctx);
 }
 
+namespace {
+// The peer sends `count` requests, each once the channel has read the one before; returns
+// how many the channel read right.
+task<int> conversation(channel& c, int peer, int count) {
+    int answered = 0;
+    for (int i = 0; i < count; ++i) {
+        write_all(peer, fmt::format("request {}\n", i));
+        answered += co_await c.read_until("\n") == fmt::format("request {}", i) ? 1 : 0;
+    }
+    co_return answered;
+}
+} // namespace
+
 TEST_CASE("one multishot receive serves a whole conversation; without it, one recv per read") {
     for (bool multishot : {true, false}) {
         CAPTURE(multishot);
@@ -723,15 +736,7 @@ TEST_CASE("one multishot receive serves a whole conversation; without it, one re
         io_context ctx(options);
         test::socket_pair sp;
         channel ch = make_channel(ctx, sp.release_a());
-        auto conversation = [](channel& c, int peer) -> task<int> {
-            int answered = 0;
-            for (int i = 0; i < 50; ++i) {
-                write_all(peer, fmt::format("request {}\n", i));
-                answered += co_await c.read_until("\n") == fmt::format("request {}", i) ? 1 : 0;
-            }
-            co_return answered;
-        };
-        CHECK(test::run_with_deadline(ctx, conversation(ch, sp.b)) == 50);
+        CHECK(test::run_with_deadline(ctx, conversation(ch, sp.b, 50)) == 50);
         CHECK(ch.stats().receives == 50);
         const std::uint64_t submissions = ch.stats().receive_submissions;
         if (ctx.multishot_receives()) {
@@ -748,20 +753,10 @@ TEST_CASE("one multishot receive serves a whole conversation; without it, one re
 }
 
 TEST_CASE("by readiness, one poll serves a whole conversation with one recv per request") {
-    io_context_options options = test::context_options();
-    options.receive = receive_mode::readiness;
-    io_context ctx(options);
+    io_context ctx(test::readiness_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
-    auto conversation = [](channel& c, int peer) -> task<int> {
-        int answered = 0;
-        for (int i = 0; i < 50; ++i) {
-            write_all(peer, fmt::format("request {}\n", i));
-            answered += co_await c.read_until("\n") == fmt::format("request {}", i) ? 1 : 0;
-        }
-        co_return answered;
-    };
-    CHECK(test::run_with_deadline(ctx, conversation(ch, sp.b)) == 50);
+    CHECK(test::run_with_deadline(ctx, conversation(ch, sp.b, 50)) == 50);
     CHECK(ch.stats().receives == 50);
     CHECK(ch.stats().direct_receives == 50);   // each request: one recv of the channel's own
     CHECK(ch.stats().receive_submissions == 0); // and no recv through the ring
@@ -914,9 +909,7 @@ TEST_CASE("between reads a channel parks about keep_buffer bytes, then leaves th
 }
 
 TEST_CASE("by readiness, bytes that arrive between reads stay in the socket until a read") {
-    io_context_options options = test::context_options();
-    options.receive = receive_mode::readiness;
-    io_context ctx(options);
+    io_context ctx(test::readiness_options());
     test::socket_pair sp;
     channel ch = make_channel(ctx, sp.release_a());
     write_all(sp.b, "first\n");

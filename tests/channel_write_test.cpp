@@ -1267,6 +1267,19 @@ task<int> send_and_check(channel& ch, int count, std::size_t size) {
     co_return right;
 }
 
+// The client sends `count` messages of `size` bytes, one at a time; the server writes back
+// what each of its reads returns. Returns how many echoes came back right.
+int echo_round_trips(io_context& ctx, channel& server, channel& client, int count,
+                     std::size_t size) {
+    auto both = [](channel& s, channel& c, int n, std::size_t bytes) -> task<int> {
+        task<void> echo = test::start(echo_pieces(s, n));
+        int right = co_await send_and_check(c, n, bytes);
+        co_await std::move(echo);
+        co_return right;
+    };
+    return test::run_with_deadline(ctx, both(server, client, count, size));
+}
+
 } // namespace
 
 TEST_CASE("an echo of what a read returned is sent from the receive buffer, given back once sent") {
@@ -1276,13 +1289,7 @@ TEST_CASE("an echo of what a read returned is sent from the receive buffer, give
     channel client = make_channel(ctx, sp.release_b());
     constexpr int count = 50;
     constexpr std::size_t size = 100;
-    auto both = [](channel& s, channel& c) -> task<int> {
-        task<void> echo = test::start(echo_pieces(s, count));
-        int right = co_await send_and_check(c, count, size);
-        co_await std::move(echo);
-        co_return right;
-    };
-    CHECK(test::run_with_deadline(ctx, both(server, client)) == count);
+    CHECK(echo_round_trips(ctx, server, client, count, size) == count);
     // Every echo went out in place: with one buffer allowed to be kept at a time, each
     // hold must have been released (its entry sent) before the next message arrived.
     CHECK(server.stats().bytes_sent_in_place == count * size);
@@ -1291,21 +1298,13 @@ TEST_CASE("an echo of what a read returned is sent from the receive buffer, give
 }
 
 TEST_CASE("by readiness, an echo is sent from the spare buffer its request came in") {
-    io_context_options options = test::context_options();
-    options.receive = receive_mode::readiness;
-    io_context ctx(options);
+    io_context ctx(test::readiness_options());
     test::socket_pair sp;
     channel server = make_channel(ctx, sp.release_a());
     channel client = make_channel(ctx, sp.release_b());
     constexpr int count = 50;
     constexpr std::size_t size = 100;
-    auto both = [](channel& s, channel& c) -> task<int> {
-        task<void> echo = test::start(echo_pieces(s, count));
-        int right = co_await send_and_check(c, count, size);
-        co_await std::move(echo);
-        co_return right;
-    };
-    CHECK(test::run_with_deadline(ctx, both(server, client)) == count);
+    CHECK(echo_round_trips(ctx, server, client, count, size) == count);
     CHECK(server.stats().direct_receives >= count); // each request: a recv of its own
     CHECK(server.stats().receive_submissions == 0);
     CHECK(server.stats().bytes_sent_in_place == count * size);

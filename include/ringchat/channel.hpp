@@ -114,6 +114,9 @@ private:
     void evaluate() noexcept;
     bool start_receive() noexcept;
     bool finish_start(io_uring_sqe* sqe) noexcept;
+    // Space in the channel's own buffer for a receive, as much as the receive hint (or the
+    // rest of a read_exact frame) asks; empty, with the read failed, if it cannot grow.
+    std::span<char> own_space() noexcept;
     // The channel's multishot receive brought data, EOF or its end (starved: it ended for
     // lack of shared buffers): re-evaluates, and resumes the reader unless it goes on waiting.
     void on_shared(bool starved) noexcept;

@@ -52,6 +52,13 @@ inline io_context_options completion_options() {
     return options;
 }
 
+/// context_options() with every receive by readiness (a poll, then the read's own recv).
+inline io_context_options readiness_options() {
+    io_context_options options = context_options();
+    options.receive = receive_mode::readiness;
+    return options;
+}
+
 /// A connected AF_UNIX stream socketpair whose ends close on destruction.
 struct socket_pair {
     int a = -1;
