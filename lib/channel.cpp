@@ -107,7 +107,7 @@ public:
 
     [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
     [[nodiscard]] std::size_t size() const noexcept { return count_; }
-    out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & mask()]; }
+    out_entry& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & mask_]; }
     out_entry& front() noexcept { return (*this)[0]; }
     out_entry& back() noexcept { return (*this)[count_ - 1]; }
     /// Lent entries queued (each holds one shared receive buffer).
@@ -129,12 +129,12 @@ public:
     }
     void pop_front() noexcept {
         reset(front());
-        head_ = --count_ == 0 ? 0 : (head_ + 1) & mask();
+        head_ = --count_ == 0 ? 0 : (head_ + 1) & mask_;
     }
     /// Asks the CPU to load the slot the next push_back() fills (see io_context's prefetch).
     void prefetch_next() const noexcept {
         if (count_ < slots_.size()) {
-            __builtin_prefetch(&slots_[(head_ + count_) & mask()], 1);
+            __builtin_prefetch(&slots_[(head_ + count_) & mask_], 1);
         }
     }
     /// Empties `e` for reuse, giving a lent entry's receive buffer back (also how an
@@ -160,8 +160,6 @@ public:
     }
 
 private:
-    [[nodiscard]] std::size_t mask() const noexcept { return slots_.size() - 1; }
-
     void grow() {
         slot_vector bigger(std::max<std::size_t>(4, slots_.size() * 2));
         for (std::size_t i = 0; i < count_; ++i) {
@@ -170,6 +168,7 @@ private:
         // Slots beyond count_ keep no useful capacity after the move; that is fine.
         slots_ = std::move(bigger);
         head_ = 0;
+        mask_ = static_cast<unsigned>(slots_.size() - 1);
     }
 
     using slot_vector = std::vector<out_entry, line_aligned_allocator<out_entry>>;
@@ -177,6 +176,9 @@ private:
     std::size_t head_ = 0;
     std::size_t count_ = 0;
     unsigned lent_ = 0;
+    // slots_.size() - 1, kept rather than computed: a vector's size is a subtraction and a
+    // division, and every access to a slot needs the mask.
+    unsigned mask_ = 0;
     provided_buffers* lenders_; // where lent entries' buffers go back (null: none lent)
 };
 
@@ -1871,16 +1873,21 @@ void channel::discard(std::size_t n) {
 
 namespace {
 
-void check_can_push(const detail::channel_core& c) {
+[[noreturn]] [[gnu::noinline]] void refuse_push(const detail::channel_core& c) {
     if (c.aborted) {
         // After close() writes fail like reads do, not as a programming error: close() is
         // often called from another coroutine (a timeout) while a handler still pushes.
         throw std::system_error(make_error_code(errc::closed),
                                 fmt::format("push to {}", c.peer().to_string()));
     }
-    if (c.state != detail::channel_core::phase::open) {
-        throw std::logic_error(
-            "ringchat::channel: push after shutdown_send() or close_when_done()");
+    // Not open: the write side was shut down or is being.
+    throw std::logic_error("ringchat::channel: push after shutdown_send() or close_when_done()");
+}
+
+// Every push checks this: the test inline, the throwing out of line.
+inline void check_can_push(const detail::channel_core& c) {
+    if (c.aborted || c.state != detail::channel_core::phase::open) [[unlikely]] {
+        refuse_push(c);
     }
 }
 
