@@ -130,10 +130,11 @@ struct io_context_options {
     ///   arrival into a shared buffer (receive_buffers), then reports it. Under load this
     ///   costs least: one completion per arrival and no system call.
     /// - readiness: a multishot poll stays armed; when it reports the socket readable, the
-    ///   read receives with a recv system call of its own, into a spare shared buffer (or
-    ///   the channel's buffer for a large frame). Bytes that arrive between reads stay in
-    ///   the socket until the next read (no shared buffers are parked meanwhile), as with
-    ///   epoll. Under load it costs a system call per arrival more.
+    ///   read receives with a recv system call of its own, into one of a few (8) spare
+    ///   shared buffers kept out of the kernel's ring, or into the channel's own buffer for
+    ///   a large frame or when no spare is free (under load, as an epoll server would).
+    ///   Bytes that arrive between reads stay in the socket until the next read (no shared
+    ///   buffers are parked meanwhile). Under load it costs a system call per arrival more.
     /// - adaptive: readiness while each of the last few waits for completions returned
     ///   exactly one, completion as soon as one returns several. A channel switches when
     ///   its armed wait reports something, by cancelling it (one more completion).
