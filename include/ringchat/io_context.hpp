@@ -292,8 +292,9 @@ public:
         return readiness_receive_ &&
                (options_.receive == receive_mode::readiness || light_streak_ >= light_streak_needed);
     }
-    /// Whether a channel waiting by readiness should go back to waiting by completion: in
-    /// adaptive mode, the last wait returned several completions.
+    /// Whether a channel waiting by readiness should go back to waiting by completion: the
+    /// last wait returned several completions, and the mode is not receive_mode::readiness
+    /// (in completion mode no channel waits by readiness, so only adaptive mode asks).
     [[nodiscard]] bool completion_receives_now() const noexcept {
         return options_.receive != receive_mode::readiness && light_streak_ == 0;
     }
