@@ -45,6 +45,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "measure.h"
+
 #define MAX_SERVERS 8
 #define MAX_TURNS 4096
 #define MAX_EVENTS 256
@@ -82,12 +84,6 @@ static struct server servers[MAX_SERVERS];
 static size_t nservers, npids;
 static int ep;
 static char scratch[65536];
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void usage(const char* why) {
     if (why != NULL) {
@@ -136,26 +132,10 @@ static double run_time_ns(long pid) {
     return total;
 }
 
-// utime of a process in seconds from /proc/PID/stat; < 0 if unreadable.
+// utime of a process in seconds; < 0 if /proc cannot tell.
 static double user_seconds(long pid) {
-    char path[64], text[2048];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0) {
-        return -1;
-    }
-    text[n] = '\0';
-    char* p = strrchr(text, ')'); // the command name may hold spaces and parentheses
-    unsigned long long utime = 0;
-    if (p == NULL || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu", &utime) != 1) {
-        return -1;
-    }
-    return (double)utime / (double)sysconf(_SC_CLK_TCK);
+    double user, system;
+    return measure_process_cpu(pid, &user, &system) == 0 ? user : -1;
 }
 
 static void watch(struct conn* c, int out) {
@@ -288,7 +268,7 @@ static uint64_t run_slice(size_t k, double* cpu) {
         fprintf(stderr, "cpu_slices: cannot read the threads of pid %ld\n", s->pid);
         exit(2);
     }
-    const int64_t end = now_ns() + (int64_t)(slice_s * 1e9);
+    const int64_t end = measure_now_ns() + (int64_t)(slice_s * 1e9);
     const int64_t give_up = end + (int64_t)(timeout_s * 1e9);
     for (size_t i = 0; i < conns; ++i) {
         start_request(&s->conns[i]);
@@ -297,7 +277,7 @@ static uint64_t run_slice(size_t k, double* cpu) {
     int ending = 0;
     struct epoll_event events[MAX_EVENTS];
     while (s->in_flight > 0) {
-        int64_t now = now_ns();
+        int64_t now = measure_now_ns();
         if (!ending && now >= end) {
             ending = 1;
         }
@@ -331,21 +311,6 @@ static uint64_t run_slice(size_t k, double* cpu) {
     }
     *cpu = run_time_ns(s->pid) - cpu_start;
     return replies;
-}
-
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return (x > y) - (x < y);
-}
-
-static double quantile(const double* sorted, size_t n, double q) {
-    if (n == 0) {
-        return 0;
-    }
-    double at = q * (double)(n - 1);
-    size_t lo = (size_t)at;
-    size_t hi = lo + 1 < n ? lo + 1 : lo;
-    return sorted[lo] + (sorted[hi] - sorted[lo]) * (at - (double)lo);
 }
 
 static double parse_number(const char* flag, const char* text) {
@@ -420,7 +385,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < nservers; ++i) {
         order[i] = i;
     }
-    const int64_t t0 = now_ns();
+    const int64_t t0 = measure_now_ns();
     uint64_t rng = 0x9e3779b97f4a7c15u ^ (uint64_t)t0;
     size_t last = MAX_SERVERS;
     const int64_t measure_from = t0 + (int64_t)(warmup * 1e9);
@@ -428,7 +393,7 @@ int main(int argc, char** argv) {
     size_t turns = 0;
     int measuring = 0;
     while (turns < MAX_TURNS) {
-        int64_t now = now_ns();
+        int64_t now = measure_now_ns();
         if (!measuring && now >= measure_from) {
             measuring = 1;
             for (size_t k = 0; k < nservers; ++k) {
@@ -438,18 +403,7 @@ int main(int argc, char** argv) {
         if (measuring && now >= measure_to) {
             break;
         }
-        do { // Fisher-Yates with xorshift64; no server gets two slices in a row
-            for (size_t k = nservers - 1; k > 0; --k) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                size_t j = (size_t)(rng % (k + 1));
-                size_t t = order[k];
-                order[k] = order[j];
-                order[j] = t;
-            }
-        } while (order[0] == last);
-        last = order[nservers - 1];
+        measure_next_turn(order, nservers, &rng, &last);
         for (size_t i = 0; i < nservers; ++i) {
             struct server* s = &servers[order[i]];
             double cpu = 0;
@@ -481,12 +435,12 @@ int main(int argc, char** argv) {
                 ratios[n++] = s->turn_cpu_per_msg[t] / servers[0].turn_cpu_per_msg[t];
             }
         }
-        qsort(ratios, n, sizeof *ratios, cmp_double);
+        qsort(ratios, n, sizeof *ratios, measure_cmp_double);
         const double msgs = (double)s->messages;
         const double cpu = msgs > 0 ? s->cpu_ns / 1e3 / msgs : 0;
         const double user = msgs > 0 ? (s->user_end - s->user_start) * 1e6 / msgs : 0;
-        const double r50 = quantile(ratios, n, 0.5), r25 = quantile(ratios, n, 0.25),
-                     r75 = quantile(ratios, n, 0.75);
+        const double r50 = measure_quantile(ratios, n, 0.5), r25 = measure_quantile(ratios, n, 0.25),
+                     r75 = measure_quantile(ratios, n, 0.75);
         if (json) {
             printf("%s{\"port\":%ld,\"echo\":%s,\"messages\":%llu,\"server_cpu_us_per_msg\":%.4f,"
                    "\"server_user_us_per_msg\":%.4f,\"ratio_median\":%.4f,\"ratio_q1\":%.4f,"

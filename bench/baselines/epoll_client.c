@@ -39,6 +39,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "measure.h"
+
 #define SCRATCH_SIZE 65536
 #define MAX_EVENTS 256
 
@@ -80,12 +82,6 @@ static atomic_uint errors_printed;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t changed; // ready or finished moved (CLOCK_MONOTONIC)
 static size_t ready, finished; // connections set up or failed; workers finished
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static struct timespec to_timespec(int64_t ns) {
     return (struct timespec){.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
@@ -245,7 +241,7 @@ static void* run_worker(void* arg) {
             perror("epoll_client: epoll_wait");
             break;
         }
-        int64_t now = now_ns();
+        int64_t now = measure_now_ns();
         for (int i = 0; i < n; ++i) {
             struct conn* c = events[i].data.ptr;
             if (c == NULL || c->state == done || c->state == failed) {
@@ -283,28 +279,10 @@ static double self_cpu_seconds(void) {
            ru.ru_stime.tv_usec / 1e6;
 }
 
-// utime + stime of a process (all its threads) from /proc/PID/stat in seconds; < 0 if unreadable.
+// utime + stime of a process in seconds; < 0 if /proc cannot tell.
 static double process_cpu_seconds(long pid) {
-    char path[64], text[2048];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0) {
-        return -1;
-    }
-    text[n] = '\0';
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    char* p = strrchr(text, ')');
-    unsigned long long utime, stime;
-    if (p == NULL || sscanf(p + 2, "%*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %llu %llu",
-                            &utime, &stime) != 2) {
-        return -1;
-    }
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    double user, system;
+    return measure_process_cpu(pid, &user, &system) == 0 ? user + system : -1;
 }
 
 static int usage(const char* why, const char* arg) {
@@ -411,7 +389,7 @@ int main(int argc, char** argv) {
     }
 
     // The window opens --warmup seconds after every connection is up (or failed).
-    struct timespec deadline = to_timespec(now_ns() + 30000000000LL);
+    struct timespec deadline = to_timespec(measure_now_ns() + 30000000000LL);
     pthread_mutex_lock(&lock);
     while (ready < conns &&
            pthread_cond_timedwait(&changed, &lock, &deadline) != ETIMEDOUT) {
@@ -421,7 +399,7 @@ int main(int argc, char** argv) {
                 conns);
     }
     pthread_mutex_unlock(&lock);
-    int64_t start = now_ns() + (int64_t)(warmup * 1e9);
+    int64_t start = measure_now_ns() + (int64_t)(warmup * 1e9);
     int64_t end = start + (int64_t)(seconds * 1e9);
     atomic_store(&window_start, start);
     atomic_store(&window_end, end);

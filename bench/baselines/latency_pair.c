@@ -48,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "measure.h"
+
 #define MAX_SERVERS 8
 
 struct samples {
@@ -75,12 +77,6 @@ static double seconds = 5, warmup = 1, block_s = 0.5, timeout_s = 5;
 static int echo_mode = 0, json = 0;
 static struct server servers[MAX_SERVERS];
 static size_t nservers, npids;
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void usage(const char* why) {
     if (why != NULL) {
@@ -112,11 +108,6 @@ static int cmp_i64(const void* a, const void* b) {
     return (x > y) - (x < y);
 }
 
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return (x > y) - (x < y);
-}
-
 // The q-quantile of sorted values (nearest rank), or 0 for none.
 static double quantile_i64(const int64_t* sorted, size_t n, double q) {
     if (n == 0) {
@@ -126,45 +117,13 @@ static double quantile_i64(const int64_t* sorted, size_t n, double q) {
     return (double)sorted[rank < n ? rank : n - 1];
 }
 
-// The same for doubles, interpolating between neighbours (for a handful of block ratios).
-static double quantile_double(const double* sorted, size_t n, double q) {
-    if (n == 0) {
-        return 0;
-    }
-    double at = q * (double)(n - 1);
-    size_t lo = (size_t)at;
-    size_t hi = lo + 1 < n ? lo + 1 : lo;
-    return sorted[lo] + (sorted[hi] - sorted[lo]) * (at - (double)lo);
-}
-
-// utime+stime and utime of a process in seconds from /proc/PID/stat; returns -1 if unreadable.
-static int process_cpu(long pid, double* total, double* user) {
-    char path[64], text[2048];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
+// A server's utime+stime and utime, in seconds; -1 if /proc cannot tell.
+static int process_times(const struct server* s, double* total, double* user) {
+    double system;
+    if (measure_process_cpu(s->pid, user, &system) != 0) {
         return -1;
     }
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0) {
-        return -1;
-    }
-    text[n] = '\0';
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    char* p = strrchr(text, ')');
-    if (p == NULL) {
-        return -1;
-    }
-    unsigned long long utime = 0, stime = 0;
-    // Fields after ')': 3 state ... 14 utime 15 stime.
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime,
-               &stime) != 2) {
-        return -1;
-    }
-    double hz = (double)sysconf(_SC_CLK_TCK);
-    *total = (double)(utime + stime) / hz;
-    *user = (double)utime / hz;
+    *total = *user + system;
     return 0;
 }
 
@@ -208,7 +167,7 @@ static int64_t round_trip(struct server* s) {
     uint64_t seq = ++s->seq;
     memcpy(payload, &seq, sizeof seq);
     const size_t total = s->header + size;
-    int64_t start = now_ns();
+    int64_t start = measure_now_ns();
     for (size_t sent = 0; sent < total;) {
         ssize_t n = send(s->fd, s->request + sent, total - sent, MSG_NOSIGNAL);
         if (n <= 0) {
@@ -227,7 +186,7 @@ static int64_t round_trip(struct server* s) {
         }
         got += (size_t)n;
     }
-    int64_t elapsed = now_ns() - start;
+    int64_t elapsed = measure_now_ns() - start;
     if (memcmp(s->reply, payload, size) != 0) {
         fprintf(stderr, "latency_pair: wrong reply from port %ld to request %llu\n", s->port,
                 (unsigned long long)seq);
@@ -332,7 +291,7 @@ int main(int argc, char** argv) {
         }
     }
 
-    const int64_t t0 = now_ns();
+    const int64_t t0 = measure_now_ns();
     const int64_t window_start = t0 + (int64_t)(warmup * 1e9);
     const int64_t block_ns = (int64_t)(block_s * 1e9);
     int in_window = 0;
@@ -344,12 +303,12 @@ int main(int argc, char** argv) {
     uint64_t rng = 0x9e3779b97f4a7c15u ^ (uint64_t)t0;
     size_t last = MAX_SERVERS;
     for (;;) {
-        int64_t now = now_ns();
+        int64_t now = measure_now_ns();
         if (!in_window && now >= window_start) {
             in_window = 1;
             for (size_t i = 0; i < nservers; ++i) {
-                if (servers[i].pid != 0 &&
-                    process_cpu(servers[i].pid, &servers[i].cpu_start, &servers[i].user_start) != 0) {
+                if (servers[i].pid != 0 && process_times(&servers[i], &servers[i].cpu_start,
+                                                         &servers[i].user_start) != 0) {
                     fprintf(stderr, "latency_pair: cannot read /proc/%ld/stat\n", servers[i].pid);
                     return 2;
                 }
@@ -363,18 +322,7 @@ int main(int argc, char** argv) {
                 break;
             }
         }
-        do { // Fisher-Yates with xorshift64
-            for (size_t k = nservers - 1; k > 0; --k) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                size_t j = (size_t)(rng % (k + 1));
-                size_t t = order[k];
-                order[k] = order[j];
-                order[j] = t;
-            }
-        } while (order[0] == last);
-        last = order[nservers - 1];
+        measure_next_turn(order, nservers, &rng, &last);
         for (size_t k = 0; k < nservers; ++k) {
             struct server* s = &servers[order[k]];
             int64_t rtt = round_trip(s);
@@ -386,7 +334,7 @@ int main(int argc, char** argv) {
     }
     for (size_t i = 0; i < nservers; ++i) {
         if (servers[i].pid != 0 &&
-            process_cpu(servers[i].pid, &servers[i].cpu_end, &servers[i].user_end) != 0) {
+            process_times(&servers[i], &servers[i].cpu_end, &servers[i].user_end) != 0) {
             fprintf(stderr, "latency_pair: cannot read /proc/%ld/stat\n", servers[i].pid);
             return 2;
         }
@@ -412,10 +360,10 @@ int main(int argc, char** argv) {
         for (size_t b = 0; b < blocks; ++b) {
             ratios[b] = servers[0].block_p50[b] > 0 ? s->block_p50[b] / servers[0].block_p50[b] : 0;
         }
-        qsort(ratios, blocks, sizeof *ratios, cmp_double);
-        const double r50 = quantile_double(ratios, blocks, 0.5);
-        const double r25 = quantile_double(ratios, blocks, 0.25);
-        const double r75 = quantile_double(ratios, blocks, 0.75);
+        qsort(ratios, blocks, sizeof *ratios, measure_cmp_double);
+        const double r50 = measure_quantile(ratios, blocks, 0.5);
+        const double r25 = measure_quantile(ratios, blocks, 0.25);
+        const double r75 = measure_quantile(ratios, blocks, 0.75);
         double cpu = -1, user = -1;
         if (s->pid != 0 && n > 0) {
             cpu = (s->cpu_end - s->cpu_start) * 1e6 / n;
