@@ -88,9 +88,10 @@ struct owned_node {
 
 /// How channels wait for input (io_context_options::receive).
 enum class receive_mode : std::uint8_t {
-    /// Readiness at light load, completion once completions come in batches (the default).
+    /// Readiness at light load, completion once completions come in batches.
     adaptive,
-    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives.
+    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives
+    /// (the default).
     completion,
     /// Always a multishot poll, then a recv system call of the channel's own.
     readiness,
@@ -138,11 +139,12 @@ struct io_context_options {
     ///   exactly one, completion as soon as one returns several. A channel switches when
     ///   its armed wait reports something, by cancelling it (one more completion).
     /// Readiness needs the shared receive buffers and a kernel with multishot poll (5.13+);
-    /// without them channels receive by completion. Adaptive is the default: measured with
-    /// the servers side by side (docs/benchmarks.md), it answers one connection about 1%
-    /// sooner (p50) than completion, for about 3% less server CPU per message, and costs
-    /// the same from 4 connections up, where it stays on completion.
-    receive_mode receive = receive_mode::adaptive;
+    /// without them channels receive by completion. Completion is the default. Measured
+    /// with the servers side by side (docs/benchmarks.md), adaptive answers one connection
+    /// about 1% sooner (p50) for about 3% less server CPU per message, costs the same at 4
+    /// to 64 steady connections, and about 2% more at 1,000 connections whose load comes
+    /// and goes, where channels switch as it rises and falls.
+    receive_mode receive = receive_mode::completion;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
