@@ -101,7 +101,8 @@ static void fail(const char* what, int err) {
     exit(2);
 }
 
-// Sum of the scheduler's run time (ns) over the threads of a process; < 0 if unreadable.
+// Sum of the scheduler's run time (ns) over the threads of a process; < 0 if unreadable
+// (no such process, or a kernel without CONFIG_SCHED_INFO, which has no schedstat files).
 static double run_time_ns(long pid) {
     char path[64];
     snprintf(path, sizeof path, "/proc/%ld/task", pid);
@@ -110,6 +111,7 @@ static double run_time_ns(long pid) {
         return -1;
     }
     double total = 0;
+    int read_any = 0;
     struct dirent* d;
     while ((d = readdir(dir)) != NULL) {
         if (d->d_name[0] == '.') {
@@ -126,10 +128,11 @@ static double run_time_ns(long pid) {
         if (n > 0) {
             text[n] = '\0';
             total += strtod(text, NULL);
+            read_any = 1;
         }
     }
     closedir(dir);
-    return total;
+    return read_any ? total : -1;
 }
 
 // utime of a process in seconds; < 0 if /proc cannot tell.
@@ -309,7 +312,12 @@ static uint64_t run_slice(size_t k, double* cpu) {
             }
         }
     }
-    *cpu = run_time_ns(s->pid) - cpu_start;
+    const double cpu_end = run_time_ns(s->pid);
+    if (cpu_end < 0) {
+        fprintf(stderr, "cpu_slices: cannot read the threads of pid %ld\n", s->pid);
+        exit(2);
+    }
+    *cpu = cpu_end - cpu_start;
     return replies;
 }
 
