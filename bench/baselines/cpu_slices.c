@@ -431,6 +431,9 @@ int main(int argc, char** argv) {
     }
 
     double* ratios = calloc(turns + 1, sizeof(double));
+    if (ratios == NULL) {
+        fail("calloc", ENOMEM);
+    }
     if (json) {
         printf("{\"conns\":%zu,\"size\":%zu,\"slice_ms\":%g,\"turns\":%zu,\"servers\":[", conns,
                size, slice_s * 1e3, turns);
@@ -472,5 +475,6 @@ int main(int argc, char** argv) {
     if (json) {
         printf("]}\n");
     }
+    free(ratios);
     return 0;
 }

@@ -281,7 +281,7 @@ int main(int argc, char** argv) {
         usage("--size must be at least 8; --seconds, --block and --timeout above 0, "
               "--block at most --seconds");
     }
-    const size_t blocks = (size_t)(seconds / block_s);
+    const size_t blocks = (size_t)(seconds / block_s + 1e-9); // 0.6 / 0.2 is 2.999...
     for (size_t i = 0; i < nservers; ++i) {
         connect_server(&servers[i]);
         servers[i].block_p50 = calloc(blocks, sizeof(double));
@@ -341,6 +341,10 @@ int main(int argc, char** argv) {
     }
 
     double* ratios = calloc(blocks, sizeof(double));
+    if (ratios == NULL) {
+        fprintf(stderr, "latency_pair: out of memory\n");
+        return 2;
+    }
     if (json) {
         printf("{\"size\":%zu,\"mode\":\"%s\",\"seconds\":%g,\"blocks\":%zu,\"servers\":[", size,
                echo_mode ? "echo" : "raw", (double)blocks * block_s, blocks);
@@ -395,6 +399,7 @@ int main(int argc, char** argv) {
     if (json) {
         printf("]}\n");
     }
+    free(ratios);
     for (size_t i = 0; i < nservers; ++i) {
         close(servers[i].fd);
     }
