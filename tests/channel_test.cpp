@@ -52,6 +52,19 @@ channel make_channel(io_context& ctx, int fd, channel_options options = {}) {
     return channel(stream(ctx, fd, address::unix_path("@ringchat-channel-test")), options);
 }
 
+// `count` socket pairs, each with a channel on its a end; the b ends stay with the test.
+struct channel_fleet {
+    std::vector<std::unique_ptr<test::socket_pair>> pairs;
+    std::vector<channel> channels;
+
+    channel_fleet(io_context& ctx, int count) {
+        for (int i = 0; i < count; ++i) {
+            pairs.push_back(std::make_unique<test::socket_pair>());
+            channels.push_back(make_channel(ctx, pairs.back()->release_a()));
+        }
+    }
+};
+
 // Every way to cut a string of length n into non-empty pieces (2^(n-1) of them).
 std::vector<std::vector<std::size_t>> all_chunkings(std::size_t n) {
     std::vector<std::vector<std::size_t>> out;
@@ -770,12 +783,9 @@ TEST_CASE("adaptive receives switch to readiness at light load and back when com
     io_context ctx(options);
     constexpr int channels = 4;
     constexpr int rounds = 20;
-    std::vector<std::unique_ptr<test::socket_pair>> pairs;
-    std::vector<channel> chans;
-    for (int i = 0; i < channels; ++i) {
-        pairs.push_back(std::make_unique<test::socket_pair>());
-        chans.push_back(make_channel(ctx, pairs.back()->release_a()));
-    }
+    channel_fleet fleet(ctx, channels);
+    auto& pairs = fleet.pairs;
+    auto& chans = fleet.channels;
     // One channel alone: each wait returns one completion, so after a few the channel ends
     // its multishot recv and waits by readiness.
     auto light = [](channel& c, int peer) -> task<int> {
@@ -1144,12 +1154,9 @@ TEST_CASE("when every shared receive buffer is taken, reads fall back to the cha
 TEST_CASE("read deadlines on the timer wheel: short ones fire, answered reads complete") {
     io_context ctx(test::context_options());
     constexpr int count = 40;
-    std::vector<std::unique_ptr<test::socket_pair>> pairs;
-    std::vector<channel> channels;
-    for (int i = 0; i < count; ++i) {
-        pairs.push_back(std::make_unique<test::socket_pair>());
-        channels.push_back(make_channel(ctx, pairs.back()->release_a()));
-    }
+    channel_fleet fleet(ctx, count);
+    auto& pairs = fleet.pairs;
+    auto& channels = fleet.channels;
     // Odd channels get their frame; even ones never do and must time out.
     for (int i = 1; i < count; i += 2) {
         write_all(pairs[i]->b, "frame\n");
