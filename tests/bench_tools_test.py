@@ -5,59 +5,33 @@ server that answers wrongly.
 
   bench_tools_test.py --server PATH --latency-pair PATH --cpu-slices PATH
 
-Every process is started here and stopped through its own Popen object (by PID); every
-wait has a deadline; only 127.0.0.1 and port 0 are used. Exit status: 0 all passed, 1 a
-check failed, 64 bad arguments.
+Processes are started and stopped with tests/e2e_test.py's helpers: by PID through their
+Popen objects, every wait with a deadline; only 127.0.0.1 and port 0 are used. Each server
+must stop cleanly on SIGTERM and log no sanitizer report. Exit status: 0 all passed, 1 a
+check failed, 77 skipped (no io_uring here), 64 bad arguments.
 """
 
 import argparse
 import json
-import re
+import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 
-FAILURES = []
-
-
-def check(condition, message):
-    if not condition:
-        FAILURES.append(message)
-        print(f"FAIL: {message}", file=sys.stderr)
+# The end-to-end tests' process handling: servers started and stopped by PID through their
+# Popen objects, output collected without blocking, every wait with a deadline.
+from e2e_test import CaseFailure, Skip, check, run, start_listening
 
 
-class Server:
-    """An echo_server started with `args`, listening on a port of the kernel's choice."""
+def echo_server(path, *options):
+    return start_listening("echo_server", [path, "--port", "0", "--grace", "1", *options])
 
-    def __init__(self, path, *args):
-        self.proc = subprocess.Popen([path, "--port", "0", "--grace", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, text=True)
-        line = self._first_line(deadline=time.monotonic() + 10)
-        m = re.match(r"^listening on .*:(\d+)$", line or "")
-        if not m:
-            self.stop()
-            raise RuntimeError(f"echo_server {args} did not say where it listens: {line!r}")
-        self.port = int(m.group(1))
 
-    def _first_line(self, deadline):
-        result = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(max(0.0, deadline - time.monotonic()))
-        return result[0].strip() if result else None
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+def stop(server):
+    """Stops a server with SIGTERM; it must exit cleanly and log no sanitizer report."""
+    rc = server.stop(signal.SIGTERM, timeout=10)
+    check(rc == 0, f"echo_server did not stop cleanly on SIGTERM\n{server.child.describe()}")
+    server.check_log()
 
 
 class WrongEcho:
@@ -103,18 +77,18 @@ class WrongEcho:
         self.thread.join(timeout=10)
 
 
-def run(cmd, timeout=60):
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout, done.stderr
+def run_tool(cmd, timeout=60):
+    """Runs a measuring client to its exit (killed and failed at the deadline): its exit
+    status, stdout and stderr."""
+    child = run(cmd[0].rsplit("/", 1)[-1], cmd, timeout)
+    return child.popen.returncode, child.stdout, child.stderr
 
 
 def test_latency_pair(args, a, b):
-    code, out, err = run([args.latency_pair, "--port", str(a.port), "--port", str(b.port),
-                          "--server-pid", str(a.proc.pid), "--server-pid", str(b.proc.pid),
+    code, out, err = run_tool([args.latency_pair, "--port", str(a.port), "--port", str(b.port),
+                          "--server-pid", str(a.child.pid), "--server-pid", str(b.child.pid),
                           "--seconds", "0.6", "--warmup", "0.1", "--block", "0.2", "--json"])
     check(code == 0, f"latency_pair against two echo_servers: exit {code}, {err.strip()}")
-    if code != 0:
-        return
     report = json.loads(out)
     rows = report["servers"]
     check(len(rows) == 2 and report["blocks"] == 3, f"latency_pair: 2 servers, 3 blocks: {report}")
@@ -129,13 +103,11 @@ def test_latency_pair(args, a, b):
 
 
 def test_cpu_slices(args, a, echo):
-    code, out, err = run([args.cpu_slices, "--conns", "4", "--port", str(a.port), "--echo-port",
-                          str(echo.port), "--server-pid", str(a.proc.pid), "--server-pid",
-                          str(echo.proc.pid), "--seconds", "0.6", "--warmup", "0.1",
+    code, out, err = run_tool([args.cpu_slices, "--conns", "4", "--port", str(a.port), "--echo-port",
+                          str(echo.port), "--server-pid", str(a.child.pid), "--server-pid",
+                          str(echo.child.pid), "--seconds", "0.6", "--warmup", "0.1",
                           "--slice-ms", "50", "--json"])
     check(code == 0, f"cpu_slices against raw and ECHO servers: exit {code}, {err.strip()}")
-    if code != 0:
-        return
     report = json.loads(out)
     rows = report["servers"]
     check(report["turns"] >= 2, f"cpu_slices: at least 2 turns in 0.6 s of 50 ms slices: {report}")
@@ -150,13 +122,13 @@ def test_cpu_slices(args, a, echo):
 def test_wrong_replies(args, a):
     wrong = WrongEcho()
     try:
-        code, _, err = run([args.latency_pair, "--port", str(a.port), "--port", str(wrong.port),
+        code, _, err = run_tool([args.latency_pair, "--port", str(a.port), "--port", str(wrong.port),
                             "--seconds", "0.3", "--warmup", "0", "--block", "0.1"])
         check(code == 1 and "wrong reply" in err,
               f"latency_pair against a wrong server: exit 1 naming it, got {code}: {err.strip()}")
-        code, _, err = run([args.cpu_slices, "--conns", "2", "--port", str(a.port), "--port",
-                            str(wrong.port), "--server-pid", str(a.proc.pid), "--server-pid",
-                            str(a.proc.pid), "--seconds", "0.3", "--warmup", "0",
+        code, _, err = run_tool([args.cpu_slices, "--conns", "2", "--port", str(a.port), "--port",
+                            str(wrong.port), "--server-pid", str(a.child.pid), "--server-pid",
+                            str(a.child.pid), "--seconds", "0.3", "--warmup", "0",
                             "--slice-ms", "50"])
         check(code == 1 and "wrong reply" in err,
               f"cpu_slices against a wrong server: exit 1 naming it, got {code}: {err.strip()}")
@@ -165,9 +137,9 @@ def test_wrong_replies(args, a):
 
 
 def test_usage(args):
-    code, _, err = run([args.latency_pair, "--port", "1"])
+    code, _, err = run_tool([args.latency_pair, "--port", "1"])
     check(code == 64 and "at least twice" in err, f"latency_pair with one server: {code} {err}")
-    code, _, err = run([args.cpu_slices, "--port", "1", "--port", "2"])
+    code, _, err = run_tool([args.cpu_slices, "--port", "1", "--port", "2"])
     check(code == 64 and "--server-pid" in err, f"cpu_slices without pids: {code} {err}")
 
 
@@ -181,29 +153,35 @@ def main():
     except SystemExit:
         return 64
     servers = []
+    failed = 0
     try:
-        a = Server(args.server, "--raw")
+        a = echo_server(args.server, "--raw")
         servers.append(a)
-        b = Server(args.server, "--raw")
+        b = echo_server(args.server, "--raw")
         servers.append(b)
-        echo = Server(args.server, "--keep-alive")
+        echo = echo_server(args.server, "--keep-alive")
         servers.append(echo)
         cases = [("latency_pair", lambda: test_latency_pair(args, a, b)),
                  ("cpu_slices", lambda: test_cpu_slices(args, a, echo)),
                  ("wrong replies", lambda: test_wrong_replies(args, a)),
-                 ("usage", lambda: test_usage(args))]
-        failed_cases = 0
+                 ("usage", lambda: test_usage(args)),
+                 ("servers stop cleanly", lambda: [stop(s) for s in servers])]
         for name, test in cases:
-            before = len(FAILURES)
-            test()
-            ok = len(FAILURES) == before
-            failed_cases += 0 if ok else 1
-            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+            try:
+                test()
+                print(f"ok   {name}")
+            except CaseFailure as e:
+                failed += 1
+                print(f"FAIL {name}: {e}", file=sys.stderr)
+                print(f"FAIL {name}")
+    except Skip as e:
+        print(f"SKIP: {e}")
+        return 77
     finally:
         for s in servers:
-            s.stop()
-    print(f"{len(cases) - failed_cases} cases passed, {failed_cases} failed")
-    return 1 if FAILURES else 0
+            s.child.kill()
+    print(f"{len(cases) - failed} cases passed, {failed} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
