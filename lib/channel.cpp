@@ -1949,6 +1949,14 @@ detail::writer_awaiter channel::drain() {
 detail::writer_awaiter channel::write(std::string_view bytes) {
     push(bytes);
     detail::channel_core& c = core();
+    // At light load the reply goes out now rather than when the loop next flushes, after
+    // the handler has set up its next read: the send is what the peer waits for. Not while
+    // another coroutine waits on the writer, which the flush could resume from here.
+    if (c.ctx->direct_sends_now() && !c.sending && c.writer == nullptr && c.write_error == 0 &&
+        c.flush_queued) {
+        c.ctx->cancel_flush(&c);
+        c.flush();
+    }
     if (c.queued <= c.opts.high_water) {
         // Below the high mark: nothing to wait for, whatever low_water says; a send failure
         // (write_error, also set with producer_error) is still rethrown by await_resume.

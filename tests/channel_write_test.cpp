@@ -830,6 +830,42 @@ TEST_CASE("at light load a reply goes out with a send call of the channel's own;
     }
 }
 
+TEST_CASE("at light load write() sends what is queued before it returns; push() leaves it to "
+          "the loop's flush") {
+    for (const bool direct : {true, false}) {
+        CAPTURE(direct);
+        io_context_options options = test::context_options();
+        options.direct_sends = direct;
+        io_context ctx(options);
+        test::socket_pair sp;
+        channel ch = make_channel(ctx, sp.release_a());
+        write_all(sp.b, "ping\n");
+        auto body = [](channel& x, int peer, bool sends_now) -> task<std::string> {
+            CHECK(co_await x.read_until("\n") == "ping"); // one completion: light load
+            char got[16];
+            x.push("po"sv);
+            CHECK(::recv(peer, got, sizeof got, MSG_DONTWAIT) < 0); // still queued
+            co_await x.write("ng"sv); // returns at once: far below the high-water mark
+            const ssize_t n = ::recv(peer, got, sizeof got, MSG_DONTWAIT);
+            if (sends_now) {
+                // Both pieces, in one send, before this coroutine waited for anything.
+                CHECK(x.stats().direct_sends == 1);
+                CHECK(x.stats().sends == 1);
+                CHECK(x.queued_bytes() == 0);
+                co_return n > 0 ? std::string(got, static_cast<std::size_t>(n)) : "";
+            }
+            CHECK(n < 0); // through the ring, once the loop flushes
+            CHECK(x.stats().sends == 0);
+            co_await x.drain();
+            CHECK(x.stats().sends == 1);
+            const ssize_t m = ::recv(peer, got, sizeof got, MSG_DONTWAIT);
+            co_return m > 0 ? std::string(got, static_cast<std::size_t>(m)) : "";
+        };
+        CHECK(test::run_with_deadline(ctx, body(ch, sp.b, direct)) == "pong");
+        CHECK(ch.stats().direct_sends == (direct ? 1 : 0));
+    }
+}
+
 TEST_CASE("what a direct send leaves, the socket being full, goes through the ring in order") {
     io_context_options options;
     options.direct_sends = true;

@@ -345,6 +345,9 @@ public:
 
     /// Queues `bytes` as push() does, then waits while more than high_water bytes are
     /// queued, until at most low_water are: back-pressure against a peer that does not read.
+    /// At light load (io_context_options::direct_sends) it also sends what is queued at
+    /// once, where push() leaves the send to the loop's next flush so that several pushes
+    /// go out in one system call: use push() for pieces of a reply, write() for its end.
     /// Throws std::logic_error if it must wait while another coroutine waits on the writer.
     [[nodiscard]] detail::writer_awaiter write(std::string_view bytes);
 
