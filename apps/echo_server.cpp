@@ -34,7 +34,7 @@ const char* const usage =
     "  --grace         on SIGINT/SIGTERM, how long connections may finish (default 5)\n"
     "  --threads N     N event loops, one SO_REUSEPORT listener each (default 1)\n"
     "  --receive MODE  how connections wait for input (io_context_options::receive; default\n"
-    "                  completion): for measuring\n"
+    "                  adaptive): for measuring\n"
     "  -v              trace every step\n";
 
 struct options {

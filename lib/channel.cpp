@@ -270,11 +270,13 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         owned_node::destroy = &channel_core::destroy_thunk;
         send_completion::on_complete = &channel_core::send_done;
         recv_completion::on_complete = &channel_core::multishot_done;
+        ctx->channel_opened();
     }
 
     ~channel_core() {
         release_borrowed();
         drop_parked();
+        ctx->channel_closed();
     }
 
     // Members in order of use per message (the first cache lines are the ones every

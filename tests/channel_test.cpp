@@ -836,6 +836,37 @@ TEST_CASE("adaptive receives switch to readiness at light load and back when com
     }
 }
 
+TEST_CASE("adaptive receives stay by completion while the context has more than 8 channels, "
+          "and switch to readiness once it has 8") {
+    io_context_options options;
+    options.receive = receive_mode::adaptive;
+    io_context ctx(options);
+    constexpr int rounds = 20;
+    auto fleet = std::make_unique<channel_fleet>(ctx, 9);
+    // One channel of nine talks alone: each wait returns one completion, as in the test
+    // above, but with nine channels it keeps its multishot recv.
+    auto light = [](channel& c, int peer, int from) -> task<int> {
+        int right = 0;
+        for (int i = from; i < from + rounds; ++i) {
+            write_all(peer, fmt::format("light {}\n", i));
+            right += co_await c.read_until("\n") == fmt::format("light {}", i) ? 1 : 0;
+        }
+        co_return right;
+    };
+    channel& first = fleet->channels[0];
+    const int peer = fleet->pairs[0]->b;
+    CHECK(test::run_with_deadline(ctx, light(first, peer, 0)) == rounds);
+    CHECK(first.stats().receives == rounds);
+    CHECK(first.stats().direct_receives == 0);
+    CHECK(first.stats().receive_submissions == 1); // one multishot recv throughout
+    // The ninth channel goes: with eight left, the same conversation goes on by readiness.
+    fleet->channels.pop_back();
+    CHECK(test::run_with_deadline(ctx, light(first, peer, rounds)) == rounds);
+    CHECK(first.stats().receives == 2 * rounds);
+    CHECK(first.stats().direct_receives > 0);
+    CHECK(first.buffered().empty());
+}
+
 TEST_CASE("bytes that arrive between reads wait aside; the last read's view stays intact") {
     io_context_options options = test::completion_options();
     options.receive_buffers = 4; // the first frame's buffer, three to park, then none left

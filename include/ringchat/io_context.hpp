@@ -88,10 +88,9 @@ struct owned_node {
 
 /// How channels wait for input (io_context_options::receive).
 enum class receive_mode : std::uint8_t {
-    /// Readiness at light load, completion once completions come in batches.
+    /// Readiness at light load with few channels, completion otherwise (the default).
     adaptive,
-    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives
-    /// (the default).
+    /// Always a multishot recv: the kernel receives into a shared buffer as data arrives.
     completion,
     /// Always a multishot poll, then a recv system call of the channel's own.
     readiness,
@@ -135,16 +134,18 @@ struct io_context_options {
     ///   a large frame or when no spare is free (under load, as an epoll server would).
     ///   Bytes that arrive between reads stay in the socket until the next read (no shared
     ///   buffers are parked meanwhile). Under load it costs a system call per arrival more.
-    /// - adaptive: readiness while each of the last few waits for completions returned
-    ///   exactly one, completion as soon as one returns several. A channel switches when
-    ///   its armed wait reports something, by cancelling it (one more completion).
+    /// - adaptive (the default): readiness while the context has at most 8 channels and
+    ///   each of the last few waits for completions returned exactly one; completion as
+    ///   soon as one returns several, or once there are more channels. A channel switches
+    ///   when its armed wait reports something, by cancelling it (one more completion).
+    ///   The limit on channels keeps many connections whose load comes and goes from
+    ///   switching back and forth, which cost about 2% of CPU at 1,000 connections.
     /// Readiness needs the shared receive buffers and a kernel with multishot poll (5.13+);
-    /// without them channels receive by completion. Completion is the default. Measured
-    /// with the servers side by side (docs/benchmarks.md), adaptive answers one connection
-    /// about 1% sooner (p50) for about 3% less server CPU per message, costs the same at 4
-    /// to 64 steady connections, and about 2% more at 1,000 connections whose load comes
-    /// and goes, where channels switch as it rises and falls.
-    receive_mode receive = receive_mode::completion;
+    /// without them channels receive by completion. Measured with the servers side by side
+    /// (docs/benchmarks.md), adaptive answers one connection about 1% sooner (p50) than
+    /// completion for about 3% less server CPU per message; with more than 8 channels it
+    /// is completion.
+    receive_mode receive = receive_mode::adaptive;
 };
 
 /// The executor: one io_uring, driven by run() on the thread that constructed it. Coroutines
@@ -291,14 +292,19 @@ public:
     /// each returned one completion (io_context_options::receive).
     [[nodiscard]] bool readiness_receives_now() const noexcept {
         return readiness_receive_ &&
-               (options_.receive == receive_mode::readiness || light_streak_ >= light_streak_needed);
+               (options_.receive == receive_mode::readiness ||
+                (light_streak_ >= light_streak_needed && channels_ <= adaptive_max_channels));
     }
     /// Whether a channel waiting by readiness should go back to waiting by completion: the
     /// last wait returned several completions, and the mode is not receive_mode::readiness
     /// (in completion mode no channel waits by readiness, so only adaptive mode asks).
     [[nodiscard]] bool completion_receives_now() const noexcept {
-        return options_.receive != receive_mode::readiness && light_streak_ == 0;
+        return options_.receive != receive_mode::readiness &&
+               (light_streak_ == 0 || channels_ > adaptive_max_channels);
     }
+    /// A channel's core counts itself while it exists (adaptive mode's limit on channels).
+    void channel_opened() noexcept { ++channels_; }
+    void channel_closed() noexcept { --channels_; }
     /// The kernel rejected a multishot poll (EINVAL): channels receive by completion.
     void disable_readiness_receives() noexcept;
 
@@ -382,6 +388,11 @@ private:
     // 0 after one that took several (a reap that took none leaves it as it is).
     unsigned light_streak_ = 0;
     static constexpr unsigned light_streak_needed = 4;
+    // Channels whose core exists (open, closing or lingering). Adaptive mode waits by
+    // readiness only while there are at most adaptive_max_channels: with many connections
+    // a load that comes and goes would switch channels back and forth, a cancel each way.
+    unsigned channels_ = 0;
+    static constexpr unsigned adaptive_max_channels = 8;
     bool readiness_receive_ = false;
     std::size_t completions_pos_ = 0;
     std::vector<std::coroutine_handle<>> ready_handles_;

@@ -27,11 +27,11 @@
 namespace ringchat::test {
 
 /// The io_context options the channel tests start from: the defaults (receives by
-/// completion; sends at light load are send system calls), or as RINGCHAT_TEST_PATHS in the
-/// environment says: "ring" also sends through the ring only, "readiness" always receives by
-/// readiness, "adaptive" receives by readiness while waits return one completion each and by
-/// completion otherwise. Meson runs the channel tests all four ways, so every read and send
-/// there runs on each path.
+/// readiness while waits return one completion each and by completion otherwise; sends at
+/// light load are send system calls), or as RINGCHAT_TEST_PATHS in the environment says:
+/// "completion" always receives by completion, "ring" also sends through the ring only,
+/// "readiness" always receives by readiness. Meson runs the channel tests all four ways, so
+/// every read and send there runs on each path.
 inline io_context_options context_options() {
     io_context_options options;
     const char* paths = std::getenv("RINGCHAT_TEST_PATHS");
@@ -40,8 +40,8 @@ inline io_context_options context_options() {
         options.receive = receive_mode::completion;
     } else if (paths != nullptr && std::string_view(paths) == "readiness") {
         options.receive = receive_mode::readiness;
-    } else if (paths != nullptr && std::string_view(paths) == "adaptive") {
-        options.receive = receive_mode::adaptive;
+    } else if (paths != nullptr && std::string_view(paths) == "completion") {
+        options.receive = receive_mode::completion;
     }
     return options;
 }
