@@ -407,20 +407,51 @@ struct channel_core final : recv_completion, send_completion, flush_node, timer_
         }
     }
 
+    // Whether all of `bytes` lie in the shared receive buffer the input borrows.
+    bool in_borrowed(std::string_view bytes) const noexcept {
+        if (borrowed_bid < 0) {
+            return false;
+        }
+        const provided_buffers* pb = ctx->receive_buffers();
+        const auto start = reinterpret_cast<std::uintptr_t>(
+            pb->data(static_cast<std::uint16_t>(borrowed_bid)));
+        const auto first = reinterpret_cast<std::uintptr_t>(bytes.data());
+        return bytes.size() <= pb->buffer_size() && first >= start &&
+               first - start <= pb->buffer_size() - bytes.size();
+    }
+
+    // write() at light load with nothing queued or in flight: sends `bytes` with a system
+    // call of its own, without queueing them. Returns how many the socket took; 0 when it
+    // took none or the send failed, and the queue then sends them (and reports a failure).
+    std::size_t send_now(std::string_view bytes) noexcept {
+        const ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n <= 0) {
+            return 0;
+        }
+        const auto sent = static_cast<std::size_t>(n);
+        ++stats.sends;
+        ++stats.direct_sends;
+        stats.bytes_sent += sent;
+        if (in_borrowed(bytes)) {
+            stats.bytes_sent_in_place += sent;
+        }
+        if (log_enabled(log_level::trace)) {
+            log(log_level::trace, "channel {}: sent {} bytes", peer().to_string(), sent);
+        }
+        return sent;
+    }
+
     // push() of bytes that lie in the shared receive buffer the input borrows (an echo of
     // what a read returned): queues them where they are instead of copying them, the buffer
     // held until they are sent. Only when the queue holds no other lent entry (so a slow
     // peer holds at most one buffer this way), or the bytes continue the last lent entry.
     // Returns false, queueing nothing, when the bytes must be copied.
     bool lend(std::string_view bytes) {
+        if (!in_borrowed(bytes)) {
+            return false;
+        }
         provided_buffers* pb = ctx->receive_buffers();
         const auto bid = static_cast<std::uint16_t>(borrowed_bid);
-        const auto start = reinterpret_cast<std::uintptr_t>(pb->data(bid));
-        const auto first = reinterpret_cast<std::uintptr_t>(bytes.data());
-        if (bytes.size() > pb->buffer_size() || first < start ||
-            first - start > pb->buffer_size() - bytes.size()) {
-            return false; // not (all) in the buffer
-        }
         if (queue.lent() != 0) {
             out_entry& last = queue.back();
             if (!last.is_lent() || last.lender != borrowed_bid ||
@@ -1949,13 +1980,23 @@ detail::writer_awaiter channel::drain() {
 }
 
 detail::writer_awaiter channel::write(std::string_view bytes) {
-    push(bytes);
     detail::channel_core& c = core();
     // At light load the reply goes out now rather than when the loop next flushes, after
-    // the handler has set up its next read: the send is what the peer waits for. Not while
-    // another coroutine waits on the writer, which the flush could resume from here.
-    if (c.ctx->direct_sends_now() && !c.sending && c.writer == nullptr && c.write_error == 0 &&
-        c.flush_queued) {
+    // the handler has set up its next read: the send is what the peer waits for. With
+    // nothing queued before it, straight from `bytes` (no queue entry); else with what is
+    // queued. Not while another coroutine waits on the writer, which a flush could resume
+    // from here.
+    bool partly_sent = false;
+    if (c.queue.empty() && !c.sending && c.writer == nullptr && c.write_error == 0 &&
+        !bytes.empty() && c.ctx->direct_sends_now()) {
+        check_can_push(c);
+        const std::size_t sent = c.send_now(bytes);
+        partly_sent = sent != 0;
+        bytes.remove_prefix(sent);
+    }
+    push(bytes);
+    if (!partly_sent && c.ctx->direct_sends_now() && !c.sending && c.writer == nullptr &&
+        c.write_error == 0 && c.flush_queued) {
         c.ctx->cancel_flush(&c);
         c.flush();
     }

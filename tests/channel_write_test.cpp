@@ -867,28 +867,41 @@ TEST_CASE("at light load write() sends what is queued before it returns; push() 
 }
 
 TEST_CASE("what a direct send leaves, the socket being full, goes through the ring in order") {
-    io_context_options options;
-    options.direct_sends = true;
-    io_context ctx(options);
-    test::socket_pair sp;
-    set_buffer_size(sp.a, SO_SNDBUF, 64 * 1024);
-    channel ch = make_channel(ctx, sp.release_a());
-    write_all(sp.b, "go");
-    const std::string payload = pattern(7, 4 * mib);
-    auto body = [](io_context& c, channel& x, int peer,
-                   const std::string& bytes) -> task<std::string> {
-        CHECK(co_await x.read_exact(2) == "go");
-        x.push(std::string_view(bytes)); // more than the socket takes at once
-        std::string got = co_await read_count(c, peer, bytes.size());
-        co_await x.drain();
-        co_return got;
-    };
-    const std::string got = test::run_with_deadline(ctx, body(ctx, ch, sp.b, payload));
-    CHECK(got.size() == payload.size());
-    CHECK(first_pattern_mismatch(got, 7) == std::string::npos);
-    CHECK(ch.stats().bytes_sent == payload.size());
-    CHECK(ch.stats().direct_sends >= 1);               // the first part
-    CHECK(ch.stats().sends > ch.stats().direct_sends); // the rest, through the ring
+    // push() sends from the queue when the loop flushes; write() with nothing queued sends
+    // straight from its argument and queues only what the socket did not take.
+    for (const bool by_write : {false, true}) {
+        CAPTURE(by_write);
+        io_context_options options = test::context_options();
+        options.direct_sends = true;
+        io_context ctx(options);
+        test::socket_pair sp;
+        set_buffer_size(sp.a, SO_SNDBUF, 64 * 1024);
+        channel ch = make_channel(ctx, sp.release_a());
+        write_all(sp.b, "go");
+        const std::string payload = pattern(7, mib / 2);
+        auto body = [](io_context& c, channel& x, int peer, const std::string& bytes,
+                       bool w) -> task<std::string> {
+            CHECK(co_await x.read_exact(2) == "go");
+            // More than the socket takes at once, and less than the high-water mark.
+            if (w) {
+                co_await x.write(bytes);
+                CHECK(x.stats().direct_sends == 1);
+                CHECK(x.queued_bytes() == bytes.size() - x.stats().bytes_sent);
+            } else {
+                x.push(std::string_view(bytes));
+            }
+            std::string got = co_await read_count(c, peer, bytes.size());
+            co_await x.drain();
+            co_return got;
+        };
+        const std::string got =
+            test::run_with_deadline(ctx, body(ctx, ch, sp.b, payload, by_write));
+        CHECK(got.size() == payload.size());
+        CHECK(first_pattern_mismatch(got, 7) == std::string::npos);
+        CHECK(ch.stats().bytes_sent == payload.size());
+        CHECK(ch.stats().direct_sends >= 1);               // the first part
+        CHECK(ch.stats().sends > ch.stats().direct_sends); // the rest, through the ring
+    }
 }
 
 TEST_CASE("a peer reset while sending fails drain() with ECONNRESET or EPIPE, never SIGPIPE") {
