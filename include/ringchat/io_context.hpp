@@ -289,14 +289,16 @@ public:
 
     /// Whether a channel that starts waiting for input should wait by readiness: always in
     /// receive_mode::readiness; in adaptive mode once the last light_streak_needed waits
-    /// each returned one completion (io_context_options::receive).
+    /// each returned one completion, while the context has at most adaptive_max_channels
+    /// channels (io_context_options::receive).
     [[nodiscard]] bool readiness_receives_now() const noexcept {
         return readiness_receive_ &&
                (options_.receive == receive_mode::readiness ||
                 (light_streak_ >= light_streak_needed && channels_ <= adaptive_max_channels));
     }
     /// Whether a channel waiting by readiness should go back to waiting by completion: the
-    /// last wait returned several completions, and the mode is not receive_mode::readiness
+    /// last wait returned several completions or the context has more than
+    /// adaptive_max_channels channels, and the mode is not receive_mode::readiness
     /// (in completion mode no channel waits by readiness, so only adaptive mode asks).
     [[nodiscard]] bool completion_receives_now() const noexcept {
         return options_.receive != receive_mode::readiness &&
