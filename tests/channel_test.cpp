@@ -776,11 +776,31 @@ TEST_CASE("by readiness, one poll serves a whole conversation with one recv per 
     CHECK(ch.input_capacity() == 0); // each request came in a spare shared buffer, given back
 }
 
-TEST_CASE("adaptive receives switch to readiness at light load and back when completions "
-          "come in batches, losing and reordering nothing") {
+namespace {
+
+// Requests "light <from>" to "light <from + count - 1>", each written by the peer only
+// after the channel has read the one before: every wait of the loop returns one completion.
+// Returns how many the channel read right.
+task<int> light_requests(channel& c, int peer, int from, int count) {
+    int right = 0;
+    for (int i = from; i < from + count; ++i) {
+        write_all(peer, fmt::format("light {}\n", i));
+        right += co_await c.read_until("\n") == fmt::format("light {}", i) ? 1 : 0;
+    }
+    co_return right;
+}
+
+io_context_options adaptive_options() {
     io_context_options options;
     options.receive = receive_mode::adaptive;
-    io_context ctx(options);
+    return options;
+}
+
+} // namespace
+
+TEST_CASE("adaptive receives switch to readiness at light load and back when completions "
+          "come in batches, losing and reordering nothing") {
+    io_context ctx(adaptive_options());
     constexpr int channels = 4;
     constexpr int rounds = 20;
     channel_fleet fleet(ctx, channels);
@@ -788,15 +808,8 @@ TEST_CASE("adaptive receives switch to readiness at light load and back when com
     auto& chans = fleet.channels;
     // One channel alone: each wait returns one completion, so after a few the channel ends
     // its multishot recv and waits by readiness.
-    auto light = [](channel& c, int peer) -> task<int> {
-        int right = 0;
-        for (int i = 0; i < rounds; ++i) {
-            write_all(peer, fmt::format("light {}\n", i));
-            right += co_await c.read_until("\n") == fmt::format("light {}", i) ? 1 : 0;
-        }
-        co_return right;
-    };
-    CHECK(test::run_with_deadline(ctx, light(chans[0], pairs[0]->b)) == rounds);
+    CHECK(test::run_with_deadline(ctx, light_requests(chans[0], pairs[0]->b, 0, rounds)) ==
+          rounds);
     const channel_stats alone = chans[0].stats();
     CHECK(alone.receive_submissions >= 1); // it began with a multishot recv
     CHECK(alone.direct_receives > 0);      // and went on by readiness
@@ -838,30 +851,20 @@ TEST_CASE("adaptive receives switch to readiness at light load and back when com
 
 TEST_CASE("adaptive receives stay by completion while the context has more than 8 channels, "
           "and switch to readiness once it has 8") {
-    io_context_options options;
-    options.receive = receive_mode::adaptive;
-    io_context ctx(options);
+    io_context ctx(adaptive_options());
     constexpr int rounds = 20;
     auto fleet = std::make_unique<channel_fleet>(ctx, 9);
     // One channel of nine talks alone: each wait returns one completion, as in the test
     // above, but with nine channels it keeps its multishot recv.
-    auto light = [](channel& c, int peer, int from) -> task<int> {
-        int right = 0;
-        for (int i = from; i < from + rounds; ++i) {
-            write_all(peer, fmt::format("light {}\n", i));
-            right += co_await c.read_until("\n") == fmt::format("light {}", i) ? 1 : 0;
-        }
-        co_return right;
-    };
     channel& first = fleet->channels[0];
     const int peer = fleet->pairs[0]->b;
-    CHECK(test::run_with_deadline(ctx, light(first, peer, 0)) == rounds);
+    CHECK(test::run_with_deadline(ctx, light_requests(first, peer, 0, rounds)) == rounds);
     CHECK(first.stats().receives == rounds);
     CHECK(first.stats().direct_receives == 0);
     CHECK(first.stats().receive_submissions == 1); // one multishot recv throughout
     // The ninth channel goes: with eight left, the same conversation goes on by readiness.
     fleet->channels.pop_back();
-    CHECK(test::run_with_deadline(ctx, light(first, peer, rounds)) == rounds);
+    CHECK(test::run_with_deadline(ctx, light_requests(first, peer, rounds, rounds)) == rounds);
     CHECK(first.stats().receives == 2 * rounds);
     CHECK(first.stats().direct_receives > 0);
     CHECK(first.buffered().empty());
