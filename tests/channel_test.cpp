@@ -798,6 +798,28 @@ io_context_options adaptive_options() {
 
 } // namespace
 
+TEST_CASE("by readiness, a read takes one recv even when the socket holds more: a busy peer "
+          "cannot keep the loop in one channel") {
+    io_context ctx(test::readiness_options());
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    const std::string burst = test::pattern(3, 20000); // more than one shared buffer holds
+    write_all(sp.b, burst);
+    auto body = [](channel& c, std::size_t total) -> task<std::string> {
+        std::string got(co_await c.read_some());
+        CHECK(c.stats().direct_receives == 1); // one recv for the first read
+        CHECK(got.size() < total);             // the rest is still in the socket
+        std::size_t reads = 1;
+        while (got.size() < total) {
+            got += co_await c.read_some();
+            ++reads;
+        }
+        CHECK(c.stats().direct_receives == reads); // and one for each read after it
+        co_return got;
+    };
+    CHECK(test::run_with_deadline(ctx, body(ch, burst.size())) == burst);
+}
+
 TEST_CASE("adaptive receives switch to readiness at light load and back when completions "
           "come in batches, losing and reordering nothing") {
     io_context ctx(adaptive_options());
