@@ -133,9 +133,13 @@ void io_context::setup(const io_context_options& options) {
     if (io_uring_register_ring_fd(&ring_) == 1) {
         ring_fd_registered_ = true;
     }
+    tick_updates_ = probe_timeout_update();
     setup_desc_ = describe_flags(setup_flags_);
     if (ring_fd_registered_) {
         setup_desc_ += ", registered ring fd";
+    }
+    if (!tick_updates_) {
+        setup_desc_ += ", timer wheel ticking every 10 ms";
     }
     log(log_level::info, "io_context: ring with {} SQ / {} CQ entries, {}", ring_.sq.ring_entries,
         ring_.cq.ring_entries, setup_desc_);
@@ -325,6 +329,26 @@ detail::cqe_result io_context::cancel_and_wait(detail::completion* target,
     return final_result;
 }
 
+// Whether the kernel can move an armed timeout: an update of a timeout that does not exist
+// fails with ENOENT where it can, EINVAL where it cannot. Once, at setup, before anything
+// else is in the ring.
+bool io_context::probe_timeout_update() noexcept {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (sqe == nullptr) {
+        return false;
+    }
+    __kernel_timespec ts{};
+    io_uring_prep_timeout_update(sqe, &ts, tick_tag, 0);
+    io_uring_sqe_set_data64(sqe, 0);
+    io_uring_cqe* cqe = nullptr;
+    if (io_uring_submit_and_wait(&ring_, 1) < 0 || io_uring_peek_cqe(&ring_, &cqe) != 0) {
+        return false;
+    }
+    const bool supported = cqe->res == -ENOENT;
+    io_uring_cqe_seen(&ring_, cqe);
+    return supported;
+}
+
 void io_context::add_timer(detail::timer_entry* entry) noexcept {
     if (timers_ == 0) {
         // The wheel was idle: restart it at the current time.
@@ -335,6 +359,14 @@ void io_context::add_timer(detail::timer_entry* entry) noexcept {
     ++timers_;
     if (!tick_armed_) {
         arm_tick();
+    } else if (tick_updates_ && slot_end(entry->slot) < tick_when_) {
+        // Due before the armed tick: bring the tick forward. If it has fired already, its
+        // completion is on its way and advance_wheel arms the next one (the update then
+        // fails with ENOENT, ignored like every user_data 0 completion).
+        set_tick_timeout(slot_end(entry->slot));
+        io_uring_sqe* sqe = get_sqe();
+        io_uring_prep_timeout_update(sqe, &tick_timeout_, tick_tag, IORING_TIMEOUT_ABS);
+        io_uring_sqe_set_data64(sqe, 0);
     }
 }
 
@@ -393,11 +425,39 @@ void io_context::remove_timer(detail::timer_entry* entry) noexcept {
     --timers_;
 }
 
+// The end of `slot`'s 10 ms, when advance_wheel handles its entries.
+std::chrono::steady_clock::time_point io_context::slot_end(std::uint16_t slot) const noexcept {
+    const std::size_t ahead = (slot + wheel_slots - wheel_pos_) % wheel_slots;
+    return wheel_time_ + wheel_tick * static_cast<long>(ahead + 1);
+}
+
+// steady_clock is CLOCK_MONOTONIC, the clock of absolute io_uring timeouts.
+void io_context::set_tick_timeout(std::chrono::steady_clock::time_point when) noexcept {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(when.time_since_epoch());
+    tick_timeout_.tv_sec = ns.count() / 1'000'000'000;
+    tick_timeout_.tv_nsec = ns.count() % 1'000'000'000;
+    tick_when_ = when;
+}
+
+// Arms the wheel's timeout: for the end of the first slot that holds an entry (an entry
+// further out than one turn sits in a slot that comes up every turn), or every wheel_tick
+// on a kernel that cannot move a timeout.
 void io_context::arm_tick() noexcept {
-    tick_timeout_.tv_sec = 0;
-    tick_timeout_.tv_nsec = std::chrono::nanoseconds(wheel_tick).count();
-    io_uring_sqe* sqe = get_sqe();
-    io_uring_prep_timeout(sqe, &tick_timeout_, 0, 0);
+    io_uring_sqe* sqe;
+    if (tick_updates_) {
+        std::size_t ahead = 0;
+        while (ahead + 1 < wheel_slots && wheel_[(wheel_pos_ + ahead) % wheel_slots] == nullptr) {
+            ++ahead;
+        }
+        set_tick_timeout(slot_end(static_cast<std::uint16_t>((wheel_pos_ + ahead) % wheel_slots)));
+        sqe = get_sqe();
+        io_uring_prep_timeout(sqe, &tick_timeout_, 0, IORING_TIMEOUT_ABS);
+    } else {
+        tick_timeout_.tv_sec = 0;
+        tick_timeout_.tv_nsec = std::chrono::nanoseconds(wheel_tick).count();
+        sqe = get_sqe();
+        io_uring_prep_timeout(sqe, &tick_timeout_, 0, 0);
+    }
     io_uring_sqe_set_data64(sqe, tick_tag);
     tick_armed_ = true;
 }
@@ -493,6 +553,7 @@ void io_context::dispatch_completions() noexcept {
             continue;
         }
         if (entry.user_data == tick_tag) {
+            ++wheel_wakeups_;
             tick_armed_ = false;
             advance_wheel();
             continue;

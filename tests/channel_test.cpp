@@ -1264,3 +1264,69 @@ TEST_CASE("a read deadline longer than one turn of the wheel fires, and not earl
     // Not a speed limit: a deadline parked in the wrong slot fires a whole turn (2.56 s) late.
     CHECK(took < timeout + std::chrono::milliseconds(2000));
 }
+
+TEST_CASE("a read waiting with a long deadline does not wake the loop every 10 ms") {
+    io_context ctx(test::context_options());
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    auto reader = [](channel& c) -> task<std::string> {
+        co_return std::string(co_await c.read_until("\n").with_timeout(std::chrono::seconds(30)));
+    };
+    auto peer = [](io_context& x, int fd) -> task<void> {
+        co_await sleep_for(x, std::chrono::milliseconds(300)); // a kernel timeout, not the wheel
+        write_all(fd, "late\n");
+    };
+    auto both = [](io_context& x, channel& c, int fd, decltype(reader) r,
+                   decltype(peer) p) -> task<std::string> {
+        spawn(x, p(x, fd));
+        co_return co_await r(c);
+    };
+    CHECK(test::run_with_deadline(ctx, both(ctx, ch, sp.b, reader, peer)) == "late");
+    if (ctx.setup_description().find("ticking") == std::string::npos) {
+        // The deadline's slot is 1.84 s ahead (30 s is past one turn): nothing in 300 ms.
+        CHECK(ctx.wheel_wakeups() == 0);
+    } else {
+        CHECK(ctx.wheel_wakeups() > 0); // a kernel before 5.11: every 10 ms
+    }
+}
+
+TEST_CASE("a short read deadline set while the wheel sleeps toward a later one fires first") {
+    io_context ctx(test::context_options());
+    channel_fleet fleet(ctx, 2);
+    channel& slow = fleet.channels[0];
+    channel& quick = fleet.channels[1];
+    const int slow_peer = fleet.pairs[0]->b;
+    struct outcome {
+        bool quick_timed_out = false;
+        bool slow_done = false;
+        std::string slow_frame;
+    } got;
+    auto slow_read = [](channel& c, outcome& o) -> task<void> {
+        // 2 s: the wheel's timeout is armed for 2 s ahead once this read waits.
+        try {
+            o.slow_frame = co_await c.read_until("\n").with_timeout(std::chrono::seconds(2));
+        } catch (const std::system_error& e) {
+            o.slow_frame = e.what();
+        }
+        o.slow_done = true;
+    };
+    auto body = [](channel& s, channel& q, int s_peer, outcome& o,
+                   decltype(slow_read) sr) -> task<void> {
+        spawn(s.context(), sr(s, o)); // runs until its read waits
+        try {
+            co_await q.read_until("\n").with_timeout(std::chrono::milliseconds(50));
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == errc::timed_out);
+            o.quick_timed_out = true;
+        }
+        // Had the wheel kept sleeping toward the 2 s deadline, both would have expired in
+        // the same slot: the slow read would have failed too instead of getting this.
+        write_all(s_peer, "in time\n");
+        while (!o.slow_done) {
+            co_await sleep_for(s.context(), std::chrono::milliseconds(1));
+        }
+    };
+    test::run_with_deadline(ctx, body(slow, quick, slow_peer, got, slow_read));
+    CHECK(got.quick_timed_out);
+    CHECK(got.slow_frame == "in time");
+}

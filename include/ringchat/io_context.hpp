@@ -218,6 +218,13 @@ public:
     /// Number of spawned tasks that have not finished yet.
     [[nodiscard]] std::size_t spawned_tasks() const noexcept { return spawned_.size(); }
 
+    /// How many times the timer wheel (read deadlines, lingering closes) has woken the loop.
+    /// It sleeps until the first 10 ms slot that holds a deadline (or one turn, 2.56 s, for
+    /// deadlines further out), so a server whose connections wait with long idle timeouts
+    /// is not woken in between; on kernels before 5.11, which cannot move an armed timeout,
+    /// it wakes every 10 ms while it holds deadlines (setup_description() says so).
+    [[nodiscard]] std::uint64_t wheel_wakeups() const noexcept { return wheel_wakeups_; }
+
     // ---- for awaiters (ops.hpp) and library internals; io thread only ----
 
     /// Makes room for `count` SQEs (submitting what is queued when the submission ring is
@@ -363,6 +370,9 @@ private:
     void run_posted() noexcept;
     void run_flushes() noexcept;
     void arm_tick() noexcept;
+    void set_tick_timeout(std::chrono::steady_clock::time_point when) noexcept;
+    [[nodiscard]] std::chrono::steady_clock::time_point slot_end(std::uint16_t slot) const noexcept;
+    [[nodiscard]] bool probe_timeout_update() noexcept;
     [[nodiscard]] std::uint16_t slot_for(std::chrono::steady_clock::time_point when) const noexcept;
     void link_timer(detail::timer_entry* entry) noexcept;
     void unlink_timer(detail::timer_entry* entry) noexcept;
@@ -416,6 +426,12 @@ private:
     std::chrono::steady_clock::time_point wheel_time_{}; // start of slot wheel_pos_
     std::size_t timers_ = 0;
     bool tick_armed_ = false;
+    // The kernel can move an armed timeout (IORING_TIMEOUT_UPDATE, 5.11+): the wheel's
+    // timeout then waits for the first slot that holds an entry, and an earlier entry moves
+    // it. Without it the wheel ticks every wheel_tick while it holds entries.
+    bool tick_updates_ = false;
+    std::chrono::steady_clock::time_point tick_when_{}; // when the armed tick fires
+    std::uint64_t wheel_wakeups_ = 0;
     __kernel_timespec tick_timeout_{};
     detail::flush_node* flush_head_ = nullptr;
     detail::owned_node* owned_head_ = nullptr;
