@@ -1991,6 +1991,9 @@ detail::writer_awaiter channel::write(std::string_view bytes) {
         !bytes.empty() && c.ctx->direct_sends_now()) {
         check_can_push(c);
         const std::size_t sent = c.send_now(bytes);
+        if (sent == bytes.size()) {
+            return {&c, detail::writer_awaiter::kind::queued}; // all sent: nothing queued
+        }
         partly_sent = sent != 0;
         bytes.remove_prefix(sent);
     }
