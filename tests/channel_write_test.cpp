@@ -866,6 +866,37 @@ TEST_CASE("at light load write() sends what is queued before it returns; push() 
     }
 }
 
+TEST_CASE("at light load a write() to a peer that has gone throws EPIPE from the co_await, "
+          "never SIGPIPE; through the ring, the next wait for the writer throws it") {
+    default_sigpipe sigpipe;
+    io_context ctx(test::context_options());
+    test::socket_pair sp;
+    channel ch = make_channel(ctx, sp.release_a());
+    write_all(sp.b, "ping\n");
+    auto body = [](channel& x, test::socket_pair& peer) -> task<int> {
+        CHECK(co_await x.read_until("\n") == "ping"); // one completion: light load
+        peer.close_b(); // gone before the reply: nothing the loop has seen yet
+        int failures = 0;
+        for (int i = 0; i < 2; ++i) {
+            try {
+                co_await x.write("pong"sv);
+            } catch (const std::system_error& e) {
+                CHECK(e.code() == std::error_code(EPIPE, std::generic_category()));
+                ++failures;
+            }
+        }
+        if (failures == 0) {
+            CHECK_THROWS_AS(co_await x.drain(), std::system_error);
+        }
+        co_return failures;
+    };
+    const int failures = test::run_with_deadline(ctx, body(ch, sp));
+    // A direct send fails inside the first write() and the failure sticks; through the ring
+    // the writes only queue, and the send's completion fails the drain.
+    CHECK(failures == (ctx.options().direct_sends ? 2 : 0));
+    CHECK(ch.stats().bytes_sent == 0);
+}
+
 TEST_CASE("what a direct send leaves, the socket being full, goes through the ring in order") {
     // push() sends from the queue when the loop flushes; write() with nothing queued sends
     // straight from its argument and queues only what the socket did not take.
