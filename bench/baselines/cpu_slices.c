@@ -321,16 +321,6 @@ static uint64_t run_slice(size_t k, double* cpu) {
     return replies;
 }
 
-static double parse_number(const char* flag, const char* text) {
-    char* end;
-    double v = strtod(text, &end);
-    if (*end != '\0' || !(v >= 0)) {
-        fprintf(stderr, "cpu_slices: %s wants a number, got %s\n", flag, text);
-        exit(64);
-    }
-    return v;
-}
-
 int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         const char* a = argv[i];
@@ -350,26 +340,26 @@ int main(int argc, char** argv) {
                 usage("at most 8 servers");
             }
             servers[nservers].echo = strcmp(a, "--echo-port") == 0;
-            servers[nservers++].port = (long)parse_number(a, v);
+            servers[nservers++].port = (long)measure_option("cpu_slices", a, v, 1);
         } else if (strcmp(a, "--server-pid") == 0) {
             if (npids == MAX_SERVERS) {
                 usage("at most 8 servers");
             }
-            servers[npids++].pid = (long)parse_number(a, v);
+            servers[npids++].pid = (long)measure_option("cpu_slices", a, v, 1);
         } else if (strcmp(a, "--host") == 0) {
             host = v;
         } else if (strcmp(a, "--conns") == 0) {
-            conns = (size_t)parse_number(a, v);
+            conns = (size_t)measure_option("cpu_slices", a, v, 1);
         } else if (strcmp(a, "--size") == 0) {
-            size = (size_t)parse_number(a, v);
+            size = (size_t)measure_option("cpu_slices", a, v, 1);
         } else if (strcmp(a, "--slice-ms") == 0) {
-            slice_s = parse_number(a, v) / 1e3;
+            slice_s = measure_option("cpu_slices", a, v, 0) / 1e3;
         } else if (strcmp(a, "--seconds") == 0) {
-            seconds = parse_number(a, v);
+            seconds = measure_option("cpu_slices", a, v, 0);
         } else if (strcmp(a, "--warmup") == 0) {
-            warmup = parse_number(a, v);
+            warmup = measure_option("cpu_slices", a, v, 0);
         } else if (strcmp(a, "--timeout") == 0) {
-            timeout_s = parse_number(a, v);
+            timeout_s = measure_option("cpu_slices", a, v, 0);
         } else {
             fprintf(stderr, "cpu_slices: unknown option %s\n", a);
             usage(NULL);

@@ -204,26 +204,6 @@ static void close_block(size_t index) {
     }
 }
 
-static double parse_seconds(const char* flag, const char* text) {
-    char* end;
-    double v = strtod(text, &end);
-    if (*end != '\0' || !(v >= 0)) {
-        fprintf(stderr, "latency_pair: %s wants seconds, got %s\n", flag, text);
-        exit(64);
-    }
-    return v;
-}
-
-static long parse_long(const char* flag, const char* text) {
-    char* end;
-    long v = strtol(text, &end, 10);
-    if (*end != '\0' || v < 0) {
-        fprintf(stderr, "latency_pair: %s wants a number, got %s\n", flag, text);
-        exit(64);
-    }
-    return v;
-}
-
 int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         const char* a = argv[i];
@@ -243,24 +223,24 @@ int main(int argc, char** argv) {
             if (nservers == MAX_SERVERS) {
                 usage("at most 8 servers");
             }
-            servers[nservers++].port = parse_long(a, v);
+            servers[nservers++].port = (long)measure_option("latency_pair", a, v, 1);
         } else if (strcmp(a, "--server-pid") == 0) {
             if (npids == MAX_SERVERS) {
                 usage("at most 8 servers");
             }
-            servers[npids++].pid = parse_long(a, v);
+            servers[npids++].pid = (long)measure_option("latency_pair", a, v, 1);
         } else if (strcmp(a, "--host") == 0) {
             host = v;
         } else if (strcmp(a, "--size") == 0) {
-            size = (size_t)parse_long(a, v);
+            size = (size_t)measure_option("latency_pair", a, v, 1);
         } else if (strcmp(a, "--seconds") == 0) {
-            seconds = parse_seconds(a, v);
+            seconds = measure_option("latency_pair", a, v, 0);
         } else if (strcmp(a, "--warmup") == 0) {
-            warmup = parse_seconds(a, v);
+            warmup = measure_option("latency_pair", a, v, 0);
         } else if (strcmp(a, "--block") == 0) {
-            block_s = parse_seconds(a, v);
+            block_s = measure_option("latency_pair", a, v, 0);
         } else if (strcmp(a, "--timeout") == 0) {
-            timeout_s = parse_seconds(a, v);
+            timeout_s = measure_option("latency_pair", a, v, 0);
         } else if (strcmp(a, "--mode") == 0) {
             if (strcmp(v, "raw") != 0 && strcmp(v, "echo") != 0) {
                 usage("--mode must be raw or echo");

@@ -1,5 +1,6 @@
 // Helpers the C measurement clients share (epoll_client, latency_pair, cpu_slices): the
-// clock, a process's CPU time from /proc, quantiles, and the random order of a turn. The
+// clock, a process's CPU time from /proc, quantiles, the random order of a turn, and the
+// checking of numeric options. The
 // reference servers (epoll_echo, uring_echo) stay free of it, one file each.
 
 #ifndef RINGCHAT_BENCH_MEASURE_H
@@ -9,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,6 +84,20 @@ static inline void measure_next_turn(size_t* order, size_t n, uint64_t* rng, siz
         }
     } while (order[0] == *last);
     *last = order[n - 1];
+}
+
+// The value of option `flag`: a number >= 0 (integral if `integral`), or the program exits
+// with 64, bad usage, saying so; `tool` names the program in the message.
+static inline double measure_option(const char* tool, const char* flag, const char* text,
+                                    int integral) {
+    char* end;
+    const double v = integral ? (double)strtol(text, &end, 10) : strtod(text, &end);
+    if (end == text || *end != '\0' || !(v >= 0)) {
+        fprintf(stderr, "%s: %s wants %s, got %s\n", tool, flag,
+                integral ? "a whole number >= 0" : "a number >= 0", text);
+        exit(64);
+    }
+    return v;
 }
 
 #endif
