@@ -1986,20 +1986,20 @@ detail::writer_awaiter channel::write(std::string_view bytes) {
     // nothing queued before it, straight from `bytes` (no queue entry); else with what is
     // queued. Not while another coroutine waits on the writer, which a flush could resume
     // from here.
-    bool partly_sent = false;
-    if (c.queue.empty() && !c.sending && c.writer == nullptr && c.write_error == 0 &&
-        !bytes.empty() && c.ctx->direct_sends_now()) {
+    bool send_at_once = c.ctx->direct_sends_now() && !c.sending && c.writer == nullptr &&
+                        c.write_error == 0;
+    if (send_at_once && c.queue.empty() && !bytes.empty()) {
         check_can_push(c);
         const std::size_t sent = c.send_now(bytes);
         if (sent == bytes.size()) {
             return {&c, detail::writer_awaiter::kind::queued}; // all sent: nothing queued
         }
-        partly_sent = sent != 0;
+        // Partly sent: the socket is full, and the loop's flush sends the rest by the ring.
+        send_at_once = sent == 0;
         bytes.remove_prefix(sent);
     }
-    push(bytes);
-    if (!partly_sent && c.ctx->direct_sends_now() && !c.sending && c.writer == nullptr &&
-        c.write_error == 0 && c.flush_queued) {
+    push(bytes); // changes none of what send_at_once was computed from
+    if (send_at_once && c.flush_queued) {
         c.ctx->cancel_flush(&c);
         c.flush();
     }
