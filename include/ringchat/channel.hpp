@@ -120,6 +120,10 @@ private:
     // The channel's multishot receive brought data, EOF or its end (starved: it ended for
     // lack of shared buffers): re-evaluates, and resumes the reader unless it goes on waiting.
     void on_shared(bool starved) noexcept;
+    // The input may grow by receiving (the poll said the socket is readable, or on_shared
+    // has evaluated what arrived): receives what the read still needs, then resumes the
+    // reader unless it goes on waiting. The read's last evaluate() must still hold.
+    void on_readable() noexcept;
     [[nodiscard]] bool may_wait_armed() const noexcept;
     // Receiving by readiness: takes what the socket holds with recv system calls while the
     // read still needs bytes and the channel may receive itself (channel_core::may_pull).
