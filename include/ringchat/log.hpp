@@ -27,17 +27,27 @@ inline void set_log_level(log_level level) noexcept {
     return level <= detail::current_log_level.load(std::memory_order_relaxed);
 }
 
+namespace detail {
+// The formatting, out of line and cold: a log call in a function on the message path then
+// costs that path a test and a call in a block the compiler moves out of the way, instead of
+// the formatting code spread over its cache lines.
+template <typename... Args>
+[[gnu::cold, gnu::noinline]] void format_log(log_level level, fmt::format_string<Args...> format,
+                                             Args&&... args) noexcept {
+    try {
+        write_log(level, fmt::format(format, std::forward<Args>(args)...));
+    } catch (...) {
+        write_log(level, "(log line could not be formatted)");
+    }
+}
+} // namespace detail
+
 /// Formats one line with fmt and writes it to stderr if `level` is enabled. Never throws:
 /// a formatting failure is reported in place of the line. Callable from any thread.
 template <typename... Args>
 void log(log_level level, fmt::format_string<Args...> format, Args&&... args) noexcept {
-    if (!log_enabled(level)) {
-        return;
-    }
-    try {
-        detail::write_log(level, fmt::format(format, std::forward<Args>(args)...));
-    } catch (...) {
-        detail::write_log(level, "(log line could not be formatted)");
+    if (log_enabled(level)) {
+        detail::format_log(level, format, std::forward<Args>(args)...);
     }
 }
 
