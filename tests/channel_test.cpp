@@ -367,6 +367,18 @@ TEST_CASE("EOF inside a frame is incomplete_read; EOF between frames is eof") {
         };
         CHECK(run_chunked(ctx, "abc\n", {4}, reader) == 1);
     }
+    SUBCASE("read_some(max_bytes) yields at most max_bytes and keeps the rest for later") {
+        // One send of 10 bytes: the first read receives them all and must still stop at 4.
+        auto reader = [](channel& ch) -> task<std::vector<std::string>> {
+            std::vector<std::string> out;
+            out.emplace_back(co_await ch.read_some(4));
+            out.emplace_back(co_await ch.read_some(4));
+            out.emplace_back(co_await ch.read_some());
+            co_return out;
+        };
+        CHECK(run_chunked(ctx, "abcdefghij", {10}, reader) ==
+              std::vector<std::string>{"abcd", "efgh", "ij"});
+    }
     SUBCASE("read_some returns an empty view at EOF and read_to_eof everything") {
         auto reader = [](channel& ch) -> task<std::string> {
             co_return std::string(co_await ch.read_to_eof());
