@@ -32,6 +32,8 @@
 //     then read() and write() system calls, epoll's pattern with the ring as the poller. A
 //     write that the socket cannot take at once waits in poll(), stalling the loop: this
 //     mode is for measuring, not for serving many peers.
+// --single-recv arms a single-shot recv (still into a provided buffer) instead of the
+// multishot one, again after each completion: what a receive costs without multishot.
 //
 // Raw echo by default. --echo speaks the seed's ECHO framing ("ECHO <len>\n" + <len> bytes,
 // payload echoed, many commands per connection); --once with it shuts the write side after
@@ -39,7 +41,7 @@
 // status 0 on SIGINT or SIGTERM.
 //
 // usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] [--direct] [--buffers N]
-//                   [--buffer-size B] [--touch N] [--sync-send | --poll]
+//                   [--buffer-size B] [--touch N] [--single-recv] [--sync-send | --poll]
 
 #define _GNU_SOURCE
 
@@ -108,6 +110,7 @@ static int once;
 static int direct; // --direct: sends go through a registered copy of the descriptor
 static int sync_send; // --sync-send
 static int poll_mode; // --poll
+static int single_recv; // --single-recv
 static int* fd_numbers; // --direct: fd_numbers[fd] == fd, what a files update reads
 #define MAX_TOUCH 32
 static unsigned touch_lines;      // --touch: lines of state per connection
@@ -199,7 +202,11 @@ static void arm_accept(int lfd) {
 
 static void arm_recv(int fd) {
     struct io_uring_sqe* sqe = get_sqe();
-    io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+    if (single_recv) {
+        io_uring_prep_recv(sqe, fd, NULL, 0, 0); // length 0: the provided buffer's
+    } else {
+        io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+    }
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = BUFFER_GROUP;
     set_data(sqe, fd, op_recv);
@@ -395,8 +402,9 @@ static void on_recv(int fd, int res, unsigned cqe_flags) {
         }
         unref_buffer(bid);
         if (!(cqe_flags & IORING_CQE_F_MORE)) {
-            // The multishot recv stopped although the connection is fine (e.g. the CQ
-            // overflowed): start another, unless the connection is being torn down.
+            // The recv ended although the connection is fine (always with --single-recv;
+            // a multishot one when e.g. the CQ overflowed): start another, unless the
+            // connection is being torn down.
             if (c->flags & failed) {
                 c->flags |= recv_done;
             } else {
@@ -606,21 +614,24 @@ int main(int argc, char** argv) {
             sync_send = 1;
         } else if (strcmp(argv[i], "--poll") == 0) {
             poll_mode = 1;
+        } else if (strcmp(argv[i], "--single-recv") == 0) {
+            single_recv = 1;
         } else if (strcmp(argv[i], "--touch") == 0 && i + 1 < argc) {
             touch_lines = (unsigned)strtoul(argv[++i], NULL, 10);
         } else {
             fprintf(stderr, "usage: uring_echo [--host ADDR] [--port N] [--echo [--once]] "
                             "[--direct] [--buffers N] [--buffer-size B] [--touch N] "
-                            "[--sync-send | --poll]\n");
+                            "[--single-recv] [--sync-send | --poll]\n");
             return 64;
         }
     }
     if (port < 0 || port > 65535 || buffer_count == 0 || buffer_count > 32768 ||
         (buffer_count & (buffer_count - 1)) != 0 || buffer_size == 0 || (once && !echo_mode) ||
-        touch_lines > MAX_TOUCH || (poll_mode && (echo_mode || direct || sync_send))) {
+        touch_lines > MAX_TOUCH ||
+        (poll_mode && (echo_mode || direct || sync_send || single_recv))) {
         fprintf(stderr, "uring_echo: bad arguments (--buffers: a power of two up to 32768; "
                         "--once needs --echo; --touch: at most 32 lines; --poll: raw mode, "
-                        "without --direct or --sync-send)\n");
+                        "without --direct, --sync-send or --single-recv)\n");
         return 64;
     }
 
